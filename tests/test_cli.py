@@ -64,7 +64,7 @@ def test_plan_paper_config_exact_numbers() -> None:
 
 
 def test_plan_table_and_overrides() -> None:
-    result = run_cli("plan", "configs/paper.yaml", "train.lora.r=64", "train.grad_accum=4")
+    result = run_cli("plan", "configs/paper.yaml", "train.lora.r=64", "train.grad_accum=4", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "15,187,968" in result.stdout  # half the r=128 adapter
     assert "4,212" in result.stdout

@@ -80,6 +80,39 @@ def _run_stage(stage: str, config: Path, overrides: list[str] | None, overwrite:
 
 
 # Stage commands: one thin command per stage, in pipeline order.
+@app.command()
+def serve(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the instance plan; start nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plan n = floor(V_GPU / (V_small + V_batch)) instances, then start them and measure a real load."""
+    if not dry_run:
+        _run_stage("serve", config, overrides, overwrite)
+        return
+
+    def body() -> None:
+        from distill.stages.serve import find_gguf, format_plan, plan_serving
+        from distill.artifacts import is_complete
+
+        cfg = _load(config, overrides)
+        model_bytes = find_gguf(cfg).stat().st_size if is_complete(cfg, "export") else None
+        result = plan_serving(cfg, model_bytes=model_bytes)
+        if as_json:
+            console.print_json(json.dumps(result))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"serving plan: {result['gpu']}", show_header=False)
+        for key, value in format_plan(result):
+            table.add_row(key, value)
+        console.print(table)
+
+    _guard(body)
+
+
 # (end of stage commands)
 
 

@@ -217,19 +217,34 @@ class PruneConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """Stage 5: many instances on a small GPU budget."""
+    """Stage 5: many instances on a small GPU budget, n = floor(V_GPU / (V_small + V_batch))."""
 
-    backend: Literal["llama_cpp", "vllm"] = Field("llama_cpp", description="Server for each instance.")
-    gpu_profile: str = Field("rtx2060-6gb", description="GPU whose memory is the budget (V_GPU).")
+    backend: Literal["llama_cpp", "vllm"] = Field(
+        "llama_cpp", description="Server per instance; vLLM needs bf16 (compute capability >= 8.0) for Gemma 3."
+    )
+    gpu_profile: str = Field(
+        "rtx2060-6gb",
+        description="GPU whose memory is the budget V_GPU: rtx2060-6gb, rtx3060-12gb, t4-16gb, l4-24gb, a10-24gb, "
+        "a100-40gb, a100-80gb, h100-80gb.",
+    )
     v_gpu_mb: float | None = Field(None, gt=0, description="Explicit V_GPU in MiB (overrides gpu_profile).")
-    v_small_mb: float | None = Field(None, gt=0, description="Override one instance's footprint (MiB).")
+    v_small_mb: float | None = Field(None, gt=0, description="Override one instance's resident footprint (MiB).")
     v_batch_mb: float | None = Field(None, gt=0, description="Override one instance's batch memory (MiB).")
+    runtime_overhead_mb: float = Field(
+        300, ge=0, description="Per-process fixed cost added to the model size when V_small is estimated (CUDA context)."
+    )
     context: int = Field(4096, ge=64, description="Context length per sequence.")
     parallel: int = Field(1, ge=1, description="Sequences each instance serves at once.")
+    ubatch: int = Field(512, ge=1, description="llama.cpp physical batch; sizes the compute buffer.")
+    threads_per_instance: int = Field(1, ge=1, description="CPU threads per llama.cpp instance.")
     max_instances: int | None = Field(None, ge=1, description="Cap on instances actually started on this machine.")
-    requests: int = Field(32, ge=1, description="Held-out prompts sent in the load test.")
+    base_port: int | None = Field(
+        None, ge=1024, le=65535, description="First port of the instances; default: free ports chosen by the OS."
+    )
+    requests: int = Field(32, ge=1, description="Held-out prompts sent in each load test.")
     max_tokens: int = Field(512, ge=1, description="Longest generated program in tokens.")
     ready_timeout_s: float = Field(120, gt=0, description="Seconds to wait for an instance to be ready.")
+    request_timeout_s: float = Field(600, gt=0, description="Seconds to wait for one program.")
 
 
 class EvalConfig(Strict):

@@ -1,0 +1,37 @@
+"""`distill run`: every stage in order, skipping complete ones and resuming partial ones."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+from distill.artifacts import stage_status
+from distill.config import PipelineConfig
+from distill.errors import DistillError
+from distill.models import ensure_models
+
+log = logging.getLogger(__name__)
+
+PIPELINE = ("generate", "train", "merge", "export", "serve", "eval")
+
+
+def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
+    for name, value in (("--from", start), ("--until", until)):
+        if value is not None and value not in PIPELINE:
+            raise DistillError(f"{name} {value}: unknown stage; use one of {', '.join(PIPELINE)}")
+    first = PIPELINE.index(start) if start else 0
+    last = PIPELINE.index(until) if until else len(PIPELINE) - 1
+    if first > last:
+        raise DistillError(f"--from {start} comes after --until {until}; swap them")
+    return PIPELINE[first : last + 1]
+
+
+def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> Path:
+    ensure_models(cfg)
+    for stage in select_stages(start, until):
+        status = stage_status(cfg, stage)
+        log.info("── %s (%s)", stage, status)
+        module = importlib.import_module(f"distill.stages.{stage}")
+        module.run(cfg)
+    return cfg.run_path

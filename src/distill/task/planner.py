@@ -1,0 +1,76 @@
+"""The deterministic reference planner: valid programs by the rules in `rules.py`.
+
+It is the offline teacher for demos and CI and the baseline for evaluation. Exercise choice keeps
+continuity with the history (the exercises last done for the same focus come first), so loads can
+progress; beginners get machines first.
+"""
+
+from __future__ import annotations
+
+import random
+
+from distill.task.catalog import Catalog, Exercise
+from distill.task.history import LEVEL_LOAD, LoggedExercise, LoggedWorkout
+from distill.task.profile import Profile
+from distill.task.program import Prescription, Program, Workout
+from distill.task.rules import (
+    FOCUS_SLOTS, GOAL_SCHEMES, load_step, next_focuses, progressed_load, round_load, scheme_for, unsafe_reasons,
+)  # fmt: skip
+
+
+def select_exercises(
+    catalog: Catalog, profile: Profile, focus: str, preferred: tuple[str, ...], rng: random.Random | None = None
+) -> list[Exercise]:
+    """One safe, available exercise per slot of the focus; a slot with nothing left borrows from the
+    focus's other groups, then from mobility work, which needs nothing and suits everyone."""
+    safe = [ex for ex in catalog if not unsafe_reasons(ex, profile)]
+    if rng is not None:
+        rng.shuffle(safe)
+    rank = {ex_id: i for i, ex_id in enumerate(preferred)}
+    beginner = profile.level == "beginner"
+    safe.sort(key=lambda ex: (rank.get(ex.id, len(rank)), not (beginner and ex.machine)))
+    slots = FOCUS_SLOTS[focus]
+    chosen: list[Exercise] = []
+    for group in slots:
+        for candidate_group in (group, *dict.fromkeys(slots), "mobility"):
+            pick = next((ex for ex in safe if ex.group == candidate_group and ex not in chosen), None)
+            if pick is not None:
+                chosen.append(pick)
+                break
+    return chosen
+
+
+def _prescribe(ex: Exercise, profile: Profile, last: LoggedExercise | None) -> Prescription:
+    scheme = scheme_for(ex, profile.goal)
+    if ex.unit == "seconds":
+        return Prescription(ex.id, scheme.plan_sets, seconds=scheme.plan_reps, rest_s=scheme.rest_s)
+    load = None
+    if ex.loaded:
+        step = load_step(ex)
+        if last is not None and last.load_kg is not None:
+            load = progressed_load(ex, last.load_kg, last.completed, last.rpe)
+        else:
+            load = round_load(max(step, ex.start_load_kg * LEVEL_LOAD[profile.level]), step)
+    return Prescription(ex.id, scheme.plan_sets, reps=scheme.plan_reps, load_kg=load, rest_s=scheme.rest_s)
+
+
+def _finisher(catalog: Catalog, profile: Profile) -> Prescription | None:
+    minutes = GOAL_SCHEMES[profile.goal].cardio_minutes
+    if minutes is None:
+        return None
+    cardio = next(ex for ex in catalog if ex.group == "cardio" and not unsafe_reasons(ex, profile))
+    return Prescription(cardio.id, 1, minutes=minutes)
+
+
+def plan_program(profile: Profile, history: list[LoggedWorkout], catalog: Catalog) -> Program:
+    last_logs = {e.exercise_id: e for w in history for e in w.exercises}
+    workouts = []
+    for focus in next_focuses(profile, len(history)):
+        recent = next((w for w in reversed(history) if w.focus == focus), None)
+        preferred = tuple(e.exercise_id for e in recent.exercises) if recent else ()
+        items = [_prescribe(ex, profile, last_logs.get(ex.id)) for ex in select_exercises(catalog, profile, focus, preferred)]
+        finisher = _finisher(catalog, profile)
+        if finisher is not None:
+            items.append(finisher)
+        workouts.append(Workout(focus, tuple(items)))
+    return Program(tuple(workouts))

@@ -76,3 +76,54 @@ def test_plan_without_local_model_or_arch_is_a_clear_error(tmp_path: Path) -> No
     result = run_cli("plan", str(cfg))
     assert result.returncode == 1
     assert "models.student_arch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_task_sample_prints_prompts() -> None:
+    result = run_cli("task", "sample", "configs/tiny.yaml", "--n", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Plan the next 3 workouts") == 2
+
+
+def _planner_files(tmp_path: Path, index: int = 4) -> tuple[Path, Path, str]:
+    from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
+
+    catalog = load_catalog()
+    inst = make_instance(0, index, catalog)
+    program = render_program(
+        plan_program(Profile.from_dict(inst["profile"]), [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
+    )
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps(inst))
+    text = tmp_path / "program.txt"
+    text.write_text(program)
+    return record, text, program
+
+
+def test_task_check_exit_codes(tmp_path: Path) -> None:
+    record, text, program = _planner_files(tmp_path)
+    ok = run_cli("task", "check", "--profile", str(record), "--program", str(text))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == {"valid": True, "violations": []}
+
+    text.write_text(program.replace("Workout 3", "Workout 4"))
+    bad = run_cli("task", "check", "--profile", str(record), "--program", str(text))
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["violations"][0]["check"] == "unparseable"
+
+    profile_only = tmp_path / "profile.json"
+    profile_only.write_text(json.dumps(json.loads(record.read_text())["profile"]))
+    text.write_text(program)
+    assert run_cli("task", "check", "--profile", str(profile_only), "--program", str(text)).returncode == 0
+
+    for broken, expected in (("{nope", "invalid JSON at line 1"), ('{"role": "pilot"}', "profile.level: missing")):
+        profile_only.write_text(broken)
+        res = run_cli("task", "check", "--profile", str(profile_only), "--program", str(text))
+        assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("task", "check", "--profile", str(record), "--program", str(tmp_path / "missing.txt"))
+    assert res.returncode == 2 and "missing.txt: file not found" in res.stderr
+
+
+def test_tiny_models_command(tmp_path: Path) -> None:
+    result = run_cli("tiny-models", str(tmp_path / "m"), "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m/teacher/config.json").is_file() and (tmp_path / "m/student/tokenizer.model").is_file()

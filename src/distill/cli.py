@@ -200,7 +200,7 @@ def task_sample(
                 catalog_mode=cfg.task.catalog_mode, history_len=cfg.task.history_len,
             )  # fmt: skip
             console.rule(f"instance {index} · profile {inst['profile_hash']}")
-            console.print(inst["prompt"], highlight=False, markup=False)
+            console.print(inst["prompt"], highlight=False, markup=False, soft_wrap=True)
 
     _guard(body)
 

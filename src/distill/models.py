@@ -24,9 +24,14 @@ def build_tiny(out_dir: Path, spec: TinyModelsConfig) -> dict[str, Path]:
 
 def ensure_models(cfg: PipelineConfig) -> None:
     """Build the tiny teacher/student into their configured folders if `models.tiny` asks for it."""
+    from distill.tiny import SPEC_FILE, spec_json
+
     spec = cfg.models.tiny
     targets = {"teacher": Path(cfg.models.teacher), "student": Path(cfg.models.student)}
-    if spec is None or all((p / "config.json").is_file() for p in targets.values()):
+    if spec is None:
+        return
+    wanted = spec_json(spec)
+    if all((p / "config.json").is_file() and _read(p / SPEC_FILE) == wanted for p in targets.values()):
         return
     log.info("building tiny models (seed %d) into %s", spec.seed, ", ".join(map(str, targets.values())))
     with tempfile.TemporaryDirectory(prefix="distill-tiny-") as tmp:
@@ -36,3 +41,7 @@ def ensure_models(cfg: PipelineConfig) -> None:
                 shutil.rmtree(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(built[role]), target)
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None

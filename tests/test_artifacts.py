@@ -77,3 +77,14 @@ def test_corrupt_manifest_is_a_clear_error(cfg) -> None:
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(DistillError, match="unreadable manifest"):
         stage_status(cfg, "generate")
+
+
+def test_partial_output_of_another_config_is_not_resumed(cfg) -> None:
+    prepare_output(cfg, "generate", overwrite=False)
+    changed = load_config(cfg._source, ["generate.num_examples=7"])
+    # nothing written yet: the new config simply takes the folder over
+    assert prepare_output(changed, "generate", overwrite=False) == "fresh"
+    (cfg.run_path / "generate" / "part.jsonl").write_text("{}\n")
+    with pytest.raises(DistillError, match="different config"):
+        prepare_output(cfg, "generate", overwrite=False)
+    assert prepare_output(changed, "generate", overwrite=False) == "resume"

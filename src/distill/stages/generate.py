@@ -1,0 +1,431 @@
+"""Stage 1: the teacher writes the training data.
+
+Work is a deterministic list of task instances per split, each with a stable id from (seed, stream,
+index). Accepted and rejected records are appended to JSONL shard files, one write per batch, so a
+crash or kill -9 loses at most the batch in flight; re-running continues after the last record. Held-out
+profiles (validation, test) come from their own index streams, and a training instance whose profile
+is reserved for them is skipped, so no held-out profile is ever trained on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import StageRecord, atomic_write_json, prepare_output, stage_dir
+from distill.config import PipelineConfig
+from distill.dedup import NearDuplicateIndex
+from distill.errors import DistillError
+from distill.models import ensure_models
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("validation", "test", "train")  # held-out first: they are small and fix the reserved profiles
+STREAM = {"train": 0, "validation": 1, "test": 2}
+STREAM_SEED_OFFSET = 7919  # held-out streams sample profiles with their own seeds
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard:
+        if text is None:
+            return cls(0, 1)
+        try:
+            i, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if not 0 <= i < n:
+            raise DistillError(f"--shard {text}: expected i/N with 0 <= i < N, e.g. --shard 0/4")
+        return cls(i, n)
+
+
+def requested(cfg: PipelineConfig) -> dict[str, int]:
+    g = cfg.generate
+    return {"train": g.num_examples, "validation": g.validation_examples, "test": g.test_examples}
+
+
+def shard_quota(total: int, shard: Shard) -> int:
+    return total // shard.count + (1 if shard.index < total % shard.count else 0)
+
+
+def attempt_budget(cfg: PipelineConfig, quota: int) -> int:
+    return math.ceil(quota * cfg.generate.max_attempts_factor)
+
+
+def stream_seed(cfg: PipelineConfig, split: str) -> int:
+    return cfg.seed + STREAM[split] * STREAM_SEED_OFFSET
+
+
+def example_id(cfg: PipelineConfig, split: str, index: int) -> str:
+    return f"s{cfg.seed}-{split}-{index:08d}"
+
+
+def reserved_profiles(cfg: PipelineConfig, shard: Shard, splits: tuple[str, ...]) -> set[str]:
+    """Profile hashes any attempt of these held-out splits may use, across all shards."""
+    from distill.task import sample_profile
+
+    hashes: set[str] = set()
+    for split in splits:
+        total = requested(cfg)[split]
+        span = shard.count * max((attempt_budget(cfg, shard_quota(total, Shard(k, shard.count))) for k in range(shard.count)), default=0)
+        hashes |= {sample_profile(stream_seed(cfg, split), i).profile_hash() for i in range(span)}
+    return hashes
+
+
+@dataclass
+class ShardState:
+    """What a shard's record file already holds."""
+
+    path: Path
+    done: set[tuple[str, int]] = field(default_factory=set)
+    accepted: Counter = field(default_factory=Counter)
+    attempts: Counter = field(default_factory=Counter)
+    accepted_records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Records with their line numbers. A torn last line (a write cut by a crash) is cut off; any
+    other unreadable line is an error naming file and line, and nothing is changed."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    for number, raw in enumerate(complete, 1):
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or "id" not in record or "split" not in record:
+                raise ValueError("not a record")
+        except ValueError as exc:
+            raise DistillError(
+                f"{path}:{number}: corrupt record ({exc}); fix or delete that line, or re-run with --overwrite"
+            ) from None
+        yield number, record
+    if tail:
+        log.warning("%s: dropping an unfinished last line left by an interrupted run", path)
+        with path.open("r+b") as fh:
+            fh.truncate(len(data) - len(tail))
+
+
+def load_state(path: Path) -> ShardState:
+    state = ShardState(path)
+    for _, record in read_records(path):
+        key = (record["split"], record["index"])
+        if key in state.done:
+            raise DistillError(f"{path}: {record['id']} appears twice; delete the later line or re-run with --overwrite")
+        state.done.add(key)
+        state.attempts[record["split"]] += 1
+        if record["status"] == "accepted":
+            state.accepted[record["split"]] += 1
+            state.accepted_records.append(record)
+    return state
+
+
+def split_candidates(
+    cfg: PipelineConfig, shard: Shard, split: str, state: ShardState, catalog: Any, blocked: set[str]
+) -> Iterator[dict[str, Any]]:
+    """This shard's untried instances of one split, in index order, within its attempt budget."""
+    from distill.task import make_instance, sample_profile
+
+    seed = stream_seed(cfg, split)
+    budget = attempt_budget(cfg, shard_quota(requested(cfg)[split], shard)) - state.attempts[split]
+    index = shard.index
+    while budget > 0:
+        if (split, index) not in state.done and sample_profile(seed, index).profile_hash() not in blocked:
+            inst = make_instance(
+                seed, index, catalog, lang=cfg.task.language, catalog_mode=cfg.task.catalog_mode,
+                history_len=cfg.task.history_len,
+            )  # fmt: skip
+            inst.update(id=example_id(cfg, split, index), split=split)
+            budget -= 1
+            yield inst
+        index += shard.count
+
+
+def next_batch(cfg: PipelineConfig, shard: Shard, state: ShardState, candidates: dict[str, Iterator[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Up to batch_size instances, never more of a split than it still needs, so counts come out exact."""
+    batch: list[dict[str, Any]] = []
+    for split in SPLITS:
+        need = shard_quota(requested(cfg)[split], shard) - state.accepted[split]
+        room = cfg.generate.batch_size - len(batch)
+        batch += itertools.islice(candidates[split], max(0, min(need, room)))
+    return batch
+
+
+def judge(completion_text: str, inst: dict[str, Any], catalog: Any, dedup: NearDuplicateIndex) -> tuple[str, list[str], str, int]:
+    """(status, reasons, answer, think blocks) for one teacher answer."""
+    from distill.task import LoggedWorkout, Profile, check_program
+    from distill.teachers import strip_think
+
+    answer, blocks, only_reasoning = strip_think(completion_text)
+    if only_reasoning:
+        return "rejected", ["only_reasoning"], answer, blocks
+    if not answer:
+        return "rejected", ["empty"], answer, blocks
+    history = [LoggedWorkout.from_dict(w) for w in inst["history"]]
+    violations = check_program(answer, Profile.from_dict(inst["profile"]), catalog, history)
+    if violations:
+        return "rejected", sorted({v.check for v in violations}), answer, blocks
+    if dedup.is_duplicate(answer):
+        return "rejected", ["near_duplicate"], answer, blocks
+    dedup.add(answer)
+    return "accepted", [], answer, blocks
+
+
+def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from distill.task import load_catalog
+    from distill.teachers import make_teacher
+
+    shard_dir = folder / "shards" / shard.name
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    records_path = shard_dir / "records.jsonl"
+    state = load_state(records_path)
+    catalog = load_catalog(cfg.task.catalog)
+    dedup = NearDuplicateIndex(cfg.generate.dedup_jaccard)
+    for record in state.accepted_records:
+        dedup.add(record["response"])
+    target = sum(shard_quota(total, shard) for total in requested(cfg).values())
+    blocked = {
+        "validation": set(),
+        "test": reserved_profiles(cfg, shard, ("validation",)),
+        "train": reserved_profiles(cfg, shard, ("validation", "test")),
+    }
+    candidates = {split: split_candidates(cfg, shard, split, state, catalog, blocked[split]) for split in SPLITS}
+    pending = next_batch(cfg, shard, state, candidates)
+    if not pending:
+        return state
+
+    teacher = make_teacher(cfg)
+    tokens = 0
+    started = time.perf_counter()
+    columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())  # fmt: skip
+    try:
+        with Progress(*columns, transient=False) as progress, records_path.open("a", encoding="utf-8") as out:
+            task = progress.add_task(shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0)
+            while pending:
+                batch_start = time.perf_counter()
+                completions = teacher.generate(pending)
+                wall = time.perf_counter() - batch_start
+                batch_id = f"{shard.name}/{pending[0]['id']}"
+                lines = []
+                for inst, completion in zip(pending, completions):
+                    status, reasons, answer, blocks = judge(completion.text, inst, catalog, dedup)
+                    record = {
+                        "id": inst["id"], "split": inst["split"], "index": inst["index"], "status": status,
+                        "reasons": reasons, "profile_hash": inst["profile_hash"], "profile": inst["profile"],
+                        "history": inst["history"], "prompt": inst["prompt"], "response": answer,
+                        "raw": completion.text if completion.text != answer else None,
+                        "think_blocks": blocks, "output_tokens": completion.output_tokens, "batch": batch_id, "batch_s": round(wall, 4),
+                    }  # fmt: skip
+                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                    state.done.add((inst["split"], inst["index"]))
+                    state.attempts[inst["split"]] += 1
+                    tokens += completion.output_tokens
+                    if status == "accepted":
+                        state.accepted[inst["split"]] += 1
+                # One write per batch, then fsync: a kill -9 loses at most this batch.
+                out.write("".join(lines))
+                out.flush()
+                os.fsync(out.fileno())
+                attempts = sum(state.attempts.values())
+                progress.update(
+                    task, completed=sum(state.accepted.values()), rate=sum(state.accepted.values()) / max(attempts, 1),
+                    tps=tokens / max(time.perf_counter() - started, 1e-9),
+                )  # fmt: skip
+                pending = next_batch(cfg, shard, state, candidates)
+    finally:
+        teacher.close()
+    return load_state(records_path)
+
+
+def shard_complete(cfg: PipelineConfig, shard: Shard, state: ShardState) -> bool:
+    return all(state.accepted[s] >= shard_quota(total, shard) for s, total in requested(cfg).items())
+
+
+def _shortfall_message(cfg: PipelineConfig, shard: Shard, state: ShardState) -> str:
+    parts = [
+        f"{split} {state.accepted[split]}/{shard_quota(total, shard)}"
+        for split, total in requested(cfg).items()
+        if state.accepted[split] < shard_quota(total, shard)
+    ]
+    reasons = Counter(r for _, rec in read_records(state.path) for r in rec["reasons"])
+    top = ", ".join(f"{name} {count}" for name, count in reasons.most_common(3)) or "none"
+    return (
+        f"generate: the teacher's answers ran out of attempts ({', '.join(parts)} accepted; top reject reasons: {top}); "
+        "raise generate.max_attempts_factor, fix the teacher or its sampling, then re-run to continue"
+    )
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, merge_shards: bool = False) -> Path:
+    folder = stage_dir(cfg, "generate")
+    part = Shard.parse(shard)
+    if merge_shards and shard is not None:
+        raise DistillError("--merge-shards combines finished shards; run it without --shard")
+    if shard is not None and overwrite:
+        shutil.rmtree(folder / "shards" / part.name, ignore_errors=True)
+    action = prepare_output(cfg, "generate", overwrite and shard is None and not merge_shards)
+    if action == "skip":
+        log.info("generate: complete, skipping (%s)", folder)
+        return folder
+    log.info("generate config: %s", cfg.generate.model_dump())
+    if merge_shards:
+        return merge(cfg, folder)
+    ensure_models(cfg)
+    state = run_shard(cfg, part, folder)
+    if not shard_complete(cfg, part, state):
+        raise DistillError(_shortfall_message(cfg, part, state))
+    atomic_write_json(folder / "shards" / part.name / "done.json", {"accepted": dict(state.accepted), "attempts": dict(state.attempts)})
+    if part.count > 1:
+        log.info("shard %s done; when all %d shards are, run `distill generate %s --merge-shards`", part.name, part.count, cfg.command_args)
+        return folder / "shards" / part.name
+    return merge(cfg, folder)
+
+
+def merge(cfg: PipelineConfig, folder: Path) -> Path:
+    """Combine finished shards into the dataset, checking that nothing is missing or doubled."""
+    shard_dirs = sorted((folder / "shards").glob("shard-*-of-*")) if (folder / "shards").exists() else []
+    counts = {int(d.name.rsplit("-", 1)[1]) for d in shard_dirs}
+    if len(counts) != 1:
+        found = ", ".join(d.name for d in shard_dirs) or "none"
+        raise DistillError(f"{folder / 'shards'}: expected shards of one run split N ways, found: {found}")
+    n = counts.pop()
+    missing = [f"{i}/{n}" for i in range(n) if not (folder / "shards" / f"shard-{i}-of-{n}" / "done.json").is_file()]
+    if missing:
+        raise DistillError(f"generate: shards {', '.join(missing)} are not finished; run `distill generate {cfg.command_args} --shard I/{n}` for each")
+    record = StageRecord(cfg, "generate")
+    accepted: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    rejected: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for shard_dir in shard_dirs:
+        for _, rec in read_records(shard_dir / "records.jsonl"):
+            if rec["id"] in seen:
+                raise DistillError(f"{rec['id']} appears in both {seen[rec['id']]} and {shard_dir.name}; re-run the shards with --overwrite")
+            seen[rec["id"]] = shard_dir.name
+            (accepted[rec["split"]] if rec["status"] == "accepted" else rejected).append(rec)
+    for split, total in requested(cfg).items():
+        if len(accepted[split]) != total:
+            raise DistillError(f"generate: {split} has {len(accepted[split])} accepted examples, expected {total}; re-run the shards")
+    train_profiles = {r["profile_hash"] for r in accepted["train"]}
+    leaked = [r["id"] for s in ("validation", "test") for r in accepted[s] if r["profile_hash"] in train_profiles]
+    if leaked:
+        raise DistillError(f"generate: held-out examples share a profile with train ({leaked[0]}, ...); re-run with --overwrite")
+
+    save_dataset(accepted, folder / "dataset")
+    with (folder / "rejected.jsonl").open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+    stats = statistics(cfg, accepted, rejected, n)
+    atomic_write_json(folder / "stats.json", stats)
+    print_stats(stats)
+    record.metrics = stats
+    record.files = {"dataset": "dataset", "rejected": "rejected.jsonl", "stats": "stats.json", "shards": "shards"}
+    return record.finish()
+
+
+def save_dataset(accepted: dict[str, list[dict[str, Any]]], target: Path) -> None:
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()
+    columns = ("id", "index", "profile_hash", "profile", "history", "prompt", "response")
+
+    def rows(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        records = sorted(records, key=lambda r: r["index"])
+        out: dict[str, list[Any]] = {c: [] for c in columns}
+        for r in records:
+            for c in columns:
+                out[c].append(json.dumps(r[c], ensure_ascii=False) if c in ("profile", "history") else r[c])
+        return out
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DatasetDict({split: Dataset.from_dict(rows(accepted[split])) for split in ("train", "validation", "test")}).save_to_disk(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _lengths(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0, "p50": 0, "p95": 0, "max": 0}
+    ordered = sorted(values)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return {"mean": round(sum(ordered) / len(ordered), 1), "p50": pct(0.5), "p95": pct(0.95), "max": ordered[-1]}
+
+
+def statistics(cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], rejected: list[dict[str, Any]], shards: int) -> dict[str, Any]:
+    everything = [r for recs in accepted.values() for r in recs] + rejected
+    wall = sum({r["batch"]: r["batch_s"] for r in everything}.values())
+    output_tokens = sum(r["output_tokens"] for r in everything)
+    stats: dict[str, Any] = {
+        "backend": cfg.generate.backend,
+        "shards": shards,
+        "counts": {split: len(recs) for split, recs in accepted.items()} | {"rejected": len(rejected), "attempts": len(everything)},
+        "acceptance_rate": round(sum(len(v) for v in accepted.values()) / max(len(everything), 1), 4),
+        "reject_reasons": dict(Counter(reason for r in rejected for reason in r["reasons"]).most_common()),
+        "think_blocks_stripped": sum(r["think_blocks"] for r in everything),
+        "teacher_output_tokens": output_tokens,
+        "teacher_seconds": round(wall, 3),
+        "output_tokens_per_s": round(output_tokens / wall, 1) if wall else None,
+        "examples_per_s": round(len(everything) / wall, 2) if wall else None,
+    }
+    stats.update(token_lengths(cfg, [r for recs in accepted.values() for r in recs]))
+    return stats
+
+
+def token_lengths(cfg: PipelineConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prompt (chat-formatted) and response (+ end of turn) lengths under the student's tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.models.student)
+    except OSError as exc:
+        log.warning("student tokenizer unavailable (%s); token statistics skipped", exc)
+        return {"student_tokenizer": None}
+    prompts, responses = [], []
+    for r in records:
+        chat = [{"role": "user", "content": r["prompt"]}]
+        prompts.append(len(tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]))
+        responses.append(len(tokenizer(r["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]))
+    return {"student_tokenizer": cfg.models.student, "prompt_tokens": _lengths(prompts), "response_tokens": _lengths(responses)}
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="generate", show_header=False)
+    for split, count in stats["counts"].items():
+        table.add_row(f"examples: {split}", f"{count:,}")
+    table.add_row("acceptance", f"{stats['acceptance_rate']:.1%}")
+    for reason, count in stats["reject_reasons"].items():
+        table.add_row(f"  rejected: {reason}", f"{count:,}")
+    table.add_row("think blocks stripped", str(stats["think_blocks_stripped"]))
+    for key in ("prompt_tokens", "response_tokens"):
+        if key in stats:
+            t = stats[key]
+            table.add_row(key.replace("_", " "), f"mean {t['mean']} · p50 {t['p50']} · p95 {t['p95']} · max {t['max']}")
+    table.add_row("teacher output tokens/s", str(stats["output_tokens_per_s"]))
+    table.add_row("teacher time", f"{stats['teacher_seconds']} s")
+    Console(stderr=True).print(table)

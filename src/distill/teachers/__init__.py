@@ -1,0 +1,73 @@
+"""Teacher backends: one interface, `generate(instances) -> completions`, chosen by `generate.backend`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from distill.config import PipelineConfig
+from distill.errors import DistillError
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    output_tokens: int
+
+
+class Teacher(Protocol):
+    name: str
+
+    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+        """One completion per instance (its `prompt` is the user turn), in order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def strip_think(text: str) -> tuple[str, int, bool]:
+    """(answer without think blocks, blocks removed, whether only reasoning was there).
+
+    Qwen3 may think even when asked not to, and an empty think block is always inserted; an answer
+    cut off inside a think block has no program at all."""
+    blocks = len(_THINK.findall(text))
+    answer = _THINK.sub("", text)
+    if "<think>" in answer:
+        return "", blocks + 1, True
+    answer = answer.replace("</think>", "").strip()
+    return answer, blocks, blocks > 0 and not answer
+
+
+def make_teacher(cfg: PipelineConfig) -> Teacher:
+    backend = cfg.generate.backend
+    if backend == "rules":
+        from distill.teachers.rules import RulesTeacher
+
+        return RulesTeacher(cfg)
+    if backend == "vllm":
+        from distill.teachers.vllm_backend import VllmTeacher
+
+        return VllmTeacher(cfg)
+    if backend == "openai":
+        from distill.teachers.openai_backend import OpenAITeacher
+
+        return OpenAITeacher(cfg)
+    if backend == "transformers":
+        from distill.teachers.transformers_backend import TransformersTeacher
+
+        return TransformersTeacher(cfg)
+    raise DistillError(f"generate.backend: unknown backend {backend!r}; use vllm, openai, transformers or rules")
+
+
+def local_model_dir(name: str, key: str) -> str:
+    """A teacher given as a folder must exist; a hub id is passed through for machines with hub access."""
+    from pathlib import Path
+
+    path = Path(name)
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        raise DistillError(f"{key}: model folder {name} not found (no config.json); build or download it first")
+    return name

@@ -1,0 +1,93 @@
+"""Any OpenAI-compatible chat endpoint (a vLLM server, a fleet behind a router)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from distill.config import PipelineConfig
+from distill.errors import DistillError
+from distill.teachers import Completion
+
+log = logging.getLogger(__name__)
+RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class OpenAITeacher:
+    name = "openai"
+
+    def __init__(self, cfg: PipelineConfig):
+        import httpx
+
+        self.cfg = cfg.generate.openai
+        self.sampling = cfg.generate.sampling
+        self.model = self.cfg.model or cfg.models.teacher
+        key = os.environ.get(self.cfg.api_key_env, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=self.cfg.base_url.rstrip("/"), headers=headers, timeout=self.cfg.timeout_s)
+        self.retries = 0
+        try:
+            self.client.get("/models", timeout=min(10.0, self.cfg.timeout_s)).raise_for_status()
+        except httpx.HTTPError as exc:
+            self.client.close()
+            raise DistillError(
+                f"generate.openai.base_url: {self.cfg.base_url} is not reachable ({type(exc).__name__}: {exc}); "
+                "start the server or fix the URL"
+            ) from None
+
+    def _one(self, prompt: str) -> Completion:
+        import httpx
+
+        s = self.sampling
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            # vLLM-specific extensions; other servers ignore unknown fields.
+            "top_k": s.top_k,
+            "chat_template_kwargs": {"enable_thinking": s.enable_thinking},
+        }
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                response = self.client.post("/chat/completions", json=body)
+                if response.status_code not in RETRYABLE:
+                    response.raise_for_status()
+                    data = response.json()
+                    message = data["choices"][0]["message"]
+                    # A reasoning parser may move the answer into reasoning_content; keep both so the
+                    # think-stripping step sees everything the model wrote.
+                    text = message.get("content") or ""
+                    if message.get("reasoning_content"):
+                        text = f"<think>{message['reasoning_content']}</think>{text}"
+                    return Completion(text, int(data.get("usage", {}).get("completion_tokens", 0)))
+                reason = f"HTTP {response.status_code}"
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                reason = type(exc).__name__
+            except httpx.HTTPStatusError as exc:
+                raise DistillError(
+                    f"generate.openai: {self.cfg.base_url} answered HTTP {exc.response.status_code}: "
+                    f"{exc.response.text[:200]}"
+                ) from None
+            if attempt == self.cfg.max_retries:
+                raise DistillError(
+                    f"generate.openai: request failed {attempt + 1} times ({reason}); check the server or raise "
+                    "generate.openai.max_retries"
+                )
+            self.retries += 1
+            delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+            log.warning("openai: %s, retrying in %.1f s", reason, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            return list(pool.map(self._one, [inst["prompt"] for inst in instances]))
+
+    def close(self) -> None:
+        self.client.close()

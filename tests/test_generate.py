@@ -1,0 +1,264 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from distill.config import load_config
+from distill.errors import DistillError
+
+TINY_MODELS = {"n": 0}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    from distill.config import TinyModelsConfig
+    from distill.models import build_tiny
+
+    out = tmp_path_factory.mktemp("models")
+    build_tiny(out, TinyModelsConfig(seed=0, corpus_size=60))
+    return out
+
+
+def write_config(tmp_path: Path, models: Path, extra: str = "") -> Path:
+    path = tmp_path / "gen.yaml"
+    path.write_text(
+        f"run_name: g\nrun_dir: {tmp_path / 'runs'}\nseed: 1\n"
+        f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
+        "generate:\n  backend: rules\n  num_examples: 40\n  validation_examples: 6\n  test_examples: 5\n  batch_size: 16\n"
+        + extra
+    )
+    return path
+
+
+def load_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("shards/*/records.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_rules_backend_end_to_end_with_splits(tmp_path, models) -> None:
+    from datasets import load_from_disk
+
+    from distill.artifacts import read_manifest
+    from distill.stages.generate import run
+
+    cfg = load_config(write_config(tmp_path, models))
+    folder = run(cfg)
+    data = load_from_disk(str(folder / "dataset"))
+    assert {k: len(v) for k, v in data.items()} == {"train": 40, "validation": 6, "test": 5}
+    assert set(data["train"].column_names) >= {"id", "prompt", "response", "profile", "history", "profile_hash"}
+    train_profiles = set(data["train"]["profile_hash"])
+    assert not train_profiles & (set(data["validation"]["profile_hash"]) | set(data["test"]["profile_hash"]))
+    ids = [i for split in data.values() for i in split["id"]]
+    assert len(ids) == len(set(ids))
+    manifest = read_manifest(folder)
+    metrics = manifest["metrics"]
+    assert metrics["counts"]["train"] == 40 and metrics["acceptance_rate"] == 1.0
+    assert metrics["prompt_tokens"]["max"] >= metrics["prompt_tokens"]["p95"] >= metrics["prompt_tokens"]["p50"] > 100
+    assert metrics["response_tokens"]["mean"] > 50
+    # a second run is a no-op
+    before = (folder / "manifest.json").read_text()
+    assert run(cfg) == folder and (folder / "manifest.json").read_text() == before
+
+
+def test_near_duplicates_and_reasoning_only_are_rejected(tmp_path, models) -> None:
+    from distill.dedup import NearDuplicateIndex
+    from distill.stages.generate import judge
+    from distill.task import load_catalog, make_instance
+
+    catalog = load_catalog()
+    inst = make_instance(0, 0, catalog)
+    from distill.teachers.rules import RulesTeacher
+
+    answer = RulesTeacher(load_config(write_config(tmp_path, models))).generate([inst])[0].text
+    dedup = NearDuplicateIndex(0.9)
+    assert judge(f"<think>\n\n</think>\n\n{answer}", inst, catalog, dedup)[:2] == ("accepted", [])
+    assert judge(answer, inst, catalog, dedup)[:2] == ("rejected", ["near_duplicate"])
+    assert judge("<think>I should plan a push day", inst, catalog, dedup)[:2] == ("rejected", ["only_reasoning"])
+    status, reasons, _, _ = judge("Workout 1: push\n- moon_walk: 3x10, rest 60 s", inst, catalog, dedup)
+    assert status == "rejected" and "unknown_exercise" in reasons
+
+
+def test_kill_9_then_resume_gives_exact_unique_counts(tmp_path, models) -> None:
+    config = write_config(tmp_path, models).read_text().replace("num_examples: 40", "num_examples: 1500").replace("batch_size: 16", "batch_size: 4")
+    path = tmp_path / "big.yaml"
+    path.write_text(config)
+    records = tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(path)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < 100):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = records.read_bytes()
+    assert 100 <= before.count(b"\n") < 1511, "the run must be killed mid-way"
+    result = run_cli("generate", str(path))
+    assert result.returncode == 0, result.stderr
+    after = records.read_bytes()
+    assert after.startswith(before[: before.rfind(b"\n") + 1])
+    recs = load_records(tmp_path / "runs/g/generate")
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids))
+    accepted = [r for r in recs if r["status"] == "accepted"]
+    assert sum(r["split"] == "train" for r in accepted) == 1500
+    assert sum(r["split"] == "validation" for r in accepted) == 6
+
+
+def test_shards_then_merge(tmp_path, models) -> None:
+    path = write_config(tmp_path, models)
+    for i in range(3):
+        result = run_cli("generate", str(path), "--shard", f"{i}/3")
+        assert result.returncode == 0, result.stderr
+        if i < 2:
+            early = run_cli("generate", str(path), "--merge-shards")
+            assert early.returncode == 1 and "are not finished" in early.stderr
+    result = run_cli("generate", str(path), "--merge-shards")
+    assert result.returncode == 0, result.stderr
+    from datasets import load_from_disk
+
+    sharded = load_from_disk(str(tmp_path / "runs/g/generate/dataset"))
+    assert {k: len(v) for k, v in sharded.items()} == {"train": 40, "validation": 6, "test": 5}
+    ids = [i for split in sharded.values() for i in split["id"]]
+    assert len(ids) == len(set(ids))
+    for i in range(3):  # each shard did exactly its own indices
+        shard_recs = [json.loads(x) for x in (tmp_path / f"runs/g/generate/shards/shard-{i}-of-3/records.jsonl").read_text().splitlines()]
+        assert shard_recs and all(r["index"] % 3 == i for r in shard_recs)
+
+    # a record present in two shards is refused at merge
+    (tmp_path / "runs/g/generate/manifest.json").unlink()
+    first = (tmp_path / "runs/g/generate/shards/shard-0-of-3/records.jsonl").read_text().splitlines()[0]
+    with (tmp_path / "runs/g/generate/shards/shard-1-of-3/records.jsonl").open("a") as fh:
+        fh.write(first + "\n")
+    result = run_cli("generate", str(path), "--merge-shards")
+    assert result.returncode == 1 and "appears in both shard-0-of-3 and shard-1-of-3" in result.stderr
+
+
+def test_corrupt_shard_line_is_reported_and_kept(tmp_path, models) -> None:
+    path = write_config(tmp_path, models, "  max_attempts_factor: 1.0\n")
+    records = tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl"
+    # stop a run early by asking for more than the budget allows: a teacher that fails checks
+    run_cli("generate", str(path), "--shard", "0/1")
+    lines = records.read_text().splitlines()
+    lines[3] = lines[3][:40]
+    records.write_text("\n".join(lines) + "\n")
+    (tmp_path / "runs/g/generate/manifest.json").unlink(missing_ok=True)
+    snapshot = records.read_bytes()
+    result = run_cli("generate", str(path))
+    assert result.returncode == 1
+    assert f"{records}:4: corrupt record" in result.stderr and "Traceback" not in result.stderr
+    assert records.read_bytes() == snapshot
+
+
+def test_bad_input_errors(tmp_path, models) -> None:
+    path = write_config(tmp_path, models)
+    res = run_cli("generate", str(path), "generate.backend=magic")
+    assert res.returncode == 1 and "generate.backend" in res.stderr
+    res = run_cli("generate", str(path), "generate.backend=vllm", f"models.teacher={tmp_path / 'nope'}")
+    assert res.returncode == 1 and "model folder" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("generate", str(path), "generate.backend=openai", "generate.openai.base_url=http://127.0.0.1:9/v1")
+    assert res.returncode == 1 and "not reachable" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("generate", str(path), "--shard", "3/2")
+    assert res.returncode == 1 and "--shard 3/2" in res.stderr
+
+
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.mark.slow
+def test_vllm_backend_on_tiny_qwen3(tmp_path, models) -> None:
+    extra = "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 24}\n  vllm: {dtype: float32, max_model_len: 4096, enforce_eager: true, cpu_kvcache_gb: 1}\n"
+    path = write_config(tmp_path, models, extra)
+    result = run_cli("generate", str(path), "generate.backend=vllm", "generate.num_examples=8",
+                     "generate.validation_examples=2", "generate.test_examples=2", env=VLLM_ENV)  # fmt: skip
+    # a random teacher writes no valid program: the stage reports it and keeps what it did
+    assert result.returncode == 1 and "ran out of attempts" in result.stderr, result.stderr
+    recs = load_records(tmp_path / "runs/g/generate")
+    assert len(recs) == 12
+    assert all(r["status"] == "rejected" and r["output_tokens"] > 0 for r in recs)
+    assert all("<think>" not in r["response"] for r in recs)
+    assert sum(r["think_blocks"] for r in recs) == 0  # the empty think block lives in the prompt, not the answer
+
+
+class _FlakyProxy(BaseHTTPRequestHandler):
+    """Answers the first chat request with 503, then forwards to the real server."""
+
+    upstream = ""
+    failures_left = 1
+    chat_calls = 0
+
+    def log_message(self, *args) -> None:
+        return None
+
+    def _forward(self, method: str, body: bytes | None = None) -> None:
+        import httpx
+
+        response = httpx.request(method, self.upstream + self.path, content=body, headers={"Content-Type": "application/json"}, timeout=120)
+        self.send_response(response.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    def do_GET(self) -> None:
+        self._forward("GET")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).chat_calls += 1
+        if type(self).failures_left > 0:
+            type(self).failures_left -= 1
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self._forward("POST", body)
+
+
+@pytest.mark.slow
+def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) -> None:
+    import httpx
+
+    from distill.stages.serve import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models / "teacher"),
+         "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "4096", "--enforce-eager"],
+        env={**os.environ, **VLLM_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vc")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    _FlakyProxy.upstream = f"http://127.0.0.1:{port}"
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("vLLM server did not start")
+        extra = (
+            "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 16}\n"
+            f"  openai: {{base_url: 'http://127.0.0.1:{proxy.server_address[1]}/v1', model: teacher, concurrency: 2}}\n"
+        )
+        path = write_config(tmp_path, models, extra)
+        result = run_cli("generate", str(path), "generate.backend=openai", "generate.num_examples=3",
+                         "generate.validation_examples=1", "generate.test_examples=1")  # fmt: skip
+        assert "ran out of attempts" in result.stderr, result.stderr
+        recs = load_records(tmp_path / "runs/g/generate")
+        assert len(recs) == 5 and all(r["output_tokens"] > 0 for r in recs)
+        assert _FlakyProxy.chat_calls == 6  # 5 requests + 1 retried after the 503
+    finally:
+        proxy.shutdown()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

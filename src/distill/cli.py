@@ -125,6 +125,12 @@ def serve(
     _guard(body)
 
 
+@app.command()
+def train(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
+    """Label-masked SFT of the student (LoRA + 8-bit AdamW by default); resumes from checkpoints."""
+    _run_stage("train", config, overrides, overwrite)
+
+
 # (end of stage commands)
 
 

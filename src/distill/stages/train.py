@@ -1,0 +1,325 @@
+"""Stage 2: label-masked SFT of the student (LoRA by default, full fine-tuning for the compact variant).
+
+The HF Trainer runs the loop (8-bit AdamW from bitsandbytes, warm-up + linear decay, accumulation,
+checkpoints, DDP/FSDP under `accelerate launch` or `torchrun`); the model's forward is replaced by the
+chunked response-only loss, and batches are grouped by length to cut padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import StageRecord, atomic_write_json, prepare_output, require_input, stage_dir
+from distill.config import PipelineConfig
+from distill.errors import DistillError
+from distill.models import ensure_models
+
+log = logging.getLogger(__name__)
+
+
+def choose_backend(cfg: PipelineConfig) -> str:
+    import importlib.util
+
+    import torch
+
+    wanted = cfg.train.backend
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if wanted == "unsloth" and not (has_unsloth and torch.cuda.is_available()):
+        raise DistillError(
+            "train.backend=unsloth needs a CUDA GPU and `pip install unsloth` (the `gpu` extra); "
+            "use train.backend=transformers on this machine"
+        )
+    if wanted == "auto":
+        return "unsloth" if has_unsloth and torch.cuda.is_available() and cfg.train.method == "lora" else "transformers"
+    return wanted
+
+
+def use_bf16(cfg: PipelineConfig) -> bool:
+    import torch
+
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.train.precision == "bf16"
+
+
+def load_dataset_split(cfg: PipelineConfig) -> Any:
+    from datasets import load_from_disk
+
+    folder = stage_dir(cfg, "generate") / "dataset"
+    try:
+        data = load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DistillError(f"{folder}: not a dataset ({exc}); run `distill generate {cfg.command_args} --overwrite`") from None
+    if "train" not in data:
+        raise DistillError(f"{folder}: no train split; run `distill generate {cfg.command_args} --overwrite`")
+    missing = {"id", "prompt", "response"} - set(data["train"].column_names)
+    if missing:
+        raise DistillError(
+            f"{folder}: train split has no {', '.join(sorted(missing))} column; "
+            f"run `distill generate {cfg.command_args} --overwrite`"
+        )
+    return data["train"]
+
+
+def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int]:
+    from datasets import Dataset
+
+    from distill.sft_data import check_chat_template, encode_example
+
+    check_chat_template(tokenizer, cfg.models.student)
+    columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": []}
+    truncated = 0
+    for row in rows:
+        enc = encode_example(tokenizer, row["prompt"], row["response"], cfg.train.max_length, row["id"])
+        columns["input_ids"].append(enc.input_ids)
+        columns["labels"].append(enc.labels)
+        columns["length"].append(len(enc.input_ids))
+        truncated += enc.truncated
+    return Dataset.from_dict(columns), truncated
+
+
+def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, Any]:
+    """The student with adapters (or fully trainable) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = cfg.train
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=cfg.models.student, max_seq_length=t.max_length, dtype=torch.bfloat16 if bf16 else None,
+            load_in_4bit=False,
+        )  # fmt: skip
+        model = FastLanguageModel.get_peft_model(
+            model, r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+            target_modules=t.lora.target_modules, bias="none", random_state=cfg.seed,
+            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
+        )  # fmt: skip
+        return model, tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.models.student)
+    # Gemma 3 overflows in fp16; bf16 where the hardware has it, else fp32.
+    model = AutoModelForCausalLM.from_pretrained(cfg.models.student, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if t.method == "full":
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return get_peft_model(model, lora), tokenizer
+
+
+def causal_lm_of(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (its trainer_state.json is written last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def make_callbacks(model: Any, collator: Any, log_path: Path) -> list[Any]:
+    import torch
+    from transformers import TrainerCallback
+
+    from distill.loss import NonFiniteLoss
+
+    class StepLog(TrainerCallback):
+        """Per-log-step JSONL with tokens/s, and a stop on non-finite gradients."""
+
+        def __init__(self) -> None:
+            self.last = (time.perf_counter(), 0)
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            grads = [p.grad.detach().norm() for p in model.parameters() if p.requires_grad and p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.stack(grads)).all()):
+                raise NonFiniteLoss("non-finite gradients")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if not logs or "loss" not in logs:
+                return
+            now, seen = time.perf_counter(), collator.tokens_seen
+            entry = {
+                "step": state.global_step,
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_s": round((seen - self.last[1]) / max(now - self.last[0], 1e-9), 1),
+            }
+            self.last = (now, seen)
+            with log_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    return [StepLog()]
+
+
+def plot_loss(log_path: Path, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("response-token loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from distill.loss import NonFiniteLoss, attach_response_loss
+    from distill.plan import build_plan, train_steps
+    from distill.sft_data import Collator
+
+    folder = stage_dir(cfg, "train")
+    require_input(cfg, "generate")
+    if prepare_output(cfg, "train", overwrite) == "skip":
+        log.info("train: complete, skipping (%s)", folder)
+        return folder
+    log.info("train config: %s", cfg.train.model_dump())
+    ensure_models(cfg)
+    record = StageRecord(cfg, "train", inputs=("generate",))
+    t = cfg.train
+    set_seed(cfg.seed)
+    backend = choose_backend(cfg)
+    bf16 = use_bf16(cfg)
+    model, tokenizer = load_student(cfg, backend, bf16)
+    rows = load_dataset_split(cfg)
+    dataset, truncated = tokenize(cfg, tokenizer, rows)
+    if truncated:
+        log.warning("%d of %d examples longer than train.max_length=%d were cut at the end", truncated, len(dataset), t.max_length)
+
+    plan = build_plan(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    steps = train_steps(len(dataset), cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if trainable != plan["trainable_params"]:
+        raise DistillError(f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}")
+
+    causal = causal_lm_of(model)
+    attach_response_loss(causal, t.loss_chunk_size)
+    collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    checkpoints = folder / "checkpoints"
+    log_path = folder / "log.jsonl"
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.scheduler,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_eps,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing and backend != "unsloth",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        logging_steps=t.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=make_callbacks(model, collator, log_path))
+    resume = last_checkpoint(checkpoints)
+    if resume is None:
+        log_path.unlink(missing_ok=True)
+    else:
+        log.info("resuming from %s", resume)
+        _trim_log(log_path, int(resume.name.split("-")[1]))
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except NonFiniteLoss as exc:
+        good = last_checkpoint(checkpoints)
+        raise DistillError(
+            f"train: {exc} at step {trainer.state.global_step + 1}; the last good checkpoint is "
+            f"{good or 'none'}. fp16 overflows Gemma 3: use train.precision=bf16 or fp32, or lower train.lr"
+        ) from None
+    wall = time.perf_counter() - started
+    if trainer.state.global_step != steps:
+        raise DistillError(f"train: finished at step {trainer.state.global_step}, planned {steps}")
+
+    out_name = "adapter" if t.method == "lora" else "model"
+    _save(model, tokenizer, folder / out_name)
+    plot_loss(log_path, folder / "loss.png")
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    record.metrics = {
+        "backend": backend,
+        "precision": "bf16" if bf16 else "fp32",
+        "optimizer": optimizer_name(trainer.optimizer),
+        "examples": len(dataset),
+        "truncated": truncated,
+        "steps": trainer.state.global_step,
+        "planned_steps": steps,
+        "trainable_params": trainable,
+        "planned_trainable_params": plan["trainable_params"],
+        "all_params": sum(p.numel() for p in model.parameters()),
+        "final_loss": entries[-1]["loss"] if entries else None,
+        "train_tokens": collator.tokens_seen,
+        "tokens_per_s": round(collator.tokens_seen / wall, 1),
+        "samples_per_s": round(len(dataset) * t.epochs / wall, 3) if t.max_steps is None else None,
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "resumed_from": resume.name if resume else None,
+    }
+    if torch.cuda.is_available():
+        record.metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    atomic_write_json(folder / "metrics.json", record.metrics)
+    record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
+    return record.finish()
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """The class doing the updates, under accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from; those steps are redone."""
+    if log_path.exists():
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _save(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write into a temp folder and rename, so a crash never leaves a half-saved model behind."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+

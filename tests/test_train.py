@@ -1,0 +1,208 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from distill.config import TinyModelsConfig, load_config
+from distill.errors import DistillError
+
+SPEC = TinyModelsConfig(seed=0, corpus_size=60)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    from distill.models import build_tiny
+
+    out = tmp_path_factory.mktemp("models")
+    build_tiny(out, SPEC)
+    return out
+
+
+def examples(n: int) -> list[dict]:
+    """Short prompts with real planner programs as answers, so steps are fast."""
+    from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
+
+    catalog = load_catalog()
+    rows = []
+    for i in range(n):
+        inst = make_instance(0, i, catalog)
+        profile = Profile.from_dict(inst["profile"])
+        program = plan_program(profile, [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
+        prompt = f"Plan 3 workouts: {profile.level}, {profile.frequency}/week, {profile.goal}."
+        rows.append({"id": f"ex{i}", "prompt": prompt, "response": render_program(program)})
+    return rows
+
+
+def make_run(
+    tmp_path: Path, models: Path, n: int = 24, extra: str = "", columns: tuple[str, ...] = ("id", "prompt", "response"), r: int = 8
+) -> Path:
+    """A config plus a finished generate stage holding `n` examples."""
+    from datasets import Dataset, DatasetDict
+
+    from distill.artifacts import StageRecord, prepare_output, stage_dir
+
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        f"run_name: t\nrun_dir: {tmp_path / 'runs'}\nseed: 0\n"
+        f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
+        f"generate: {{backend: rules, num_examples: {n}, validation_examples: 0, test_examples: 0}}\n"
+        f"train:\n  lora: {{r: {r}, alpha: {2 * r}}}\n"
+        "  lr: 5.0e-3\n  warmup_steps: 1\n  batch_size: 4\n  grad_accum: 2\n"
+        "  max_length: 512\n  precision: fp32\n  gradient_checkpointing: false\n  save_steps: 2\n  logging_steps: 1\n"
+        + extra
+    )
+    cfg = load_config(path)
+    prepare_output(cfg, "generate", overwrite=False)
+    rows = examples(n)
+    data = {c: [r[c] for r in rows] for c in columns}
+    DatasetDict({"train": Dataset.from_dict(data)}).save_to_disk(str(stage_dir(cfg, "generate") / "dataset"))
+    StageRecord(cfg, "generate").finish()
+    return path
+
+
+def test_unmasked_labels_are_exactly_response_and_end_of_turn(models) -> None:
+    from transformers import AutoTokenizer
+
+    from distill.sft_data import IGNORE, Collator, encode_example
+
+    tok = AutoTokenizer.from_pretrained(models / "student")
+    rows = examples(6)
+    batch = Collator(tok.pad_token_id)(
+        [vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in rows]
+    )
+    for i, row in enumerate(rows):
+        ids, labels = batch["input_ids"][i], batch["labels"][i]
+        trained = [int(t) for t in labels if t != IGNORE]
+        # independent of the encoder: the label ids are the tail of the real tokens, and decode to the answer
+        assert tok.decode(trained) == row["response"] + "<end_of_turn>"
+        n_real = int(batch["attention_mask"][i].sum())
+        assert trained == [int(t) for t in ids[n_real - len(trained) : n_real]]
+        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(ids[: n_real - len(trained)]) == prompt
+        assert all(int(t) == IGNORE for t in labels[n_real:])
+
+
+def test_example_without_trainable_tokens_fails_loudly(models) -> None:
+    from transformers import AutoTokenizer
+
+    from distill.sft_data import encode_example
+
+    tok = AutoTokenizer.from_pretrained(models / "student")
+    with pytest.raises(DistillError, match="example x1: no trainable tokens"):
+        encode_example(tok, "a long prompt " * 50, "Workout 1: push", 20, "x1")
+
+
+def test_chunked_response_loss_equals_full_logits_loss(models) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.loss import attach_response_loss
+    from distill.sft_data import Collator, encode_example
+
+    tok = AutoTokenizer.from_pretrained(models / "student")
+    batch = Collator(tok.pad_token_id)([vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in examples(3)])
+
+    reference = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
+    full = reference(**batch).loss  # HF's plain loss over full-vocabulary logits
+    full.backward()
+    ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
+
+    ours = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
+    attach_response_loss(ours, chunk_size=37)  # a chunk size that does not divide the token count
+    loss = ours(**batch).loss
+    loss.backward()
+    assert torch.allclose(loss, full, rtol=1e-5, atol=1e-5), (loss, full)
+    for name, param in ours.named_parameters():
+        assert torch.allclose(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, models) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from distill.artifacts import read_manifest
+    from distill.stages.train import run
+
+    # r=32 puts every adapter matrix at >= 4096 values, bitsandbytes' threshold for 8-bit state
+    cfg = load_config(make_run(tmp_path, models, n=24, extra="  epochs: 2\n", r=32))
+    folder = run(cfg)
+    metrics = read_manifest(folder)["metrics"]
+    assert metrics["steps"] == metrics["planned_steps"] == 6  # 24 examples / (4 x 2) x 2 epochs
+    assert metrics["trainable_params"] == metrics["planned_trainable_params"]
+    assert metrics["optimizer"] == "bitsandbytes.optim.adamw.AdamW"
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and log[-1]["loss"] < log[0]["loss"] - 0.5
+    assert all(e["tokens_per_s"] > 0 for e in log)
+    assert (folder / "loss.png").stat().st_size > 1000
+
+    adapter = load_file(folder / "adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
+    # the optimizer state in the checkpoint is 8-bit
+    state = torch.load(folder / "checkpoints/checkpoint-6/optimizer.pt", weights_only=False)["state"]
+    moments = [s.get("__bnb_optimizer_quant_state__", s) for s in state.values()]
+    # bitsandbytes keeps tensors under 4096 values in 32 bits; every larger one must be 8-bit
+    large = [m for m in moments if m["state1"].numel() >= 4096]
+    assert large and all(m["state1"].dtype == m["state2"].dtype == torch.uint8 for m in large)
+    # the base weights were never touched: the merged-free base still equals the adapter's base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(models / "student")
+    untouched = {k: v.clone() for k, v in base.state_dict().items()}
+    peft = PeftModel.from_pretrained(base, folder / "adapter")
+    for key, value in peft.get_base_model().state_dict().items():
+        clean = key.replace("base_layer.", "")
+        if "lora_" not in key:
+            assert torch.equal(value, untouched[clean]), key
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
+    path = make_run(tmp_path, models, n=64, extra="  epochs: 2\n")
+    checkpoints = tmp_path / "runs/t/train/checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints / "checkpoint-4/trainer_state.json").exists():
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs/t/train/manifest.json").exists()
+    result = run_cli("train", str(path))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "runs/t/train/manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 16
+    assert manifest["metrics"]["resumed_from"] is not None
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs/t/train/log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+    # finished: a re-run is skipped
+    again = run_cli("train", str(path))
+    assert again.returncode == 0 and "skipping" in again.stderr
+
+
+def test_input_errors(tmp_path, models) -> None:
+    path = tmp_path / "none.yaml"
+    path.write_text(f"run_name: t\nrun_dir: {tmp_path / 'r'}\nmodels: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n")
+    result = run_cli("train", str(path))
+    assert result.returncode == 1 and "generate/manifest.json not found: run `distill generate" in result.stderr
+
+    sub = tmp_path / "nocol"
+    sub.mkdir()
+    no_response = make_run(sub, models, n=8, columns=("id", "prompt"))
+    result = run_cli("train", str(no_response))
+    assert result.returncode == 1 and "no response column" in result.stderr and "Traceback" not in result.stderr
+
+    from distill.sft_data import check_chat_template
+
+    class Bare:
+        chat_template = None
+
+    with pytest.raises(DistillError, match="no chat template"):
+        check_chat_template(Bare(), "models/x")

@@ -93,6 +93,18 @@ def generate(
 
 
 @app.command()
+def merge(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
+    """Fold the LoRA adapter into the base model; checks the logits are unchanged."""
+    _run_stage("merge", config, overrides, overwrite)
+
+
+@app.command()
+def export(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
+    """Write the merged model as GGUF (Q8_0 by default) and verify it in llama.cpp."""
+    _run_stage("export", config, overrides, overwrite)
+
+
+@app.command()
 def serve(
     config: ConfigArg,
     overrides: OverridesArg = None,

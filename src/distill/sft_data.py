@@ -65,11 +65,11 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int, 
 
 
 class Collator:
-    """Right-pads a batch to its longest example; counts the real tokens it has seen for tokens/s."""
+    """Right-pads a batch to its longest example (length-grouped batches keep that short); counts samples."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.tokens_seen = 0
+        self.samples_seen = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -83,5 +83,5 @@ class Collator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        self.tokens_seen += int(mask.sum())
+        self.samples_seen += len(rows)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

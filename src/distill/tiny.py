@@ -124,6 +124,7 @@ def _student_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Any:
     tokenizer = GemmaTokenizer(
         vocab=extracted["vocab"],
         merges=extracted["merges"],
+        mask_token=None,  # not a SentencePiece piece: it would add a token llama.cpp never sees
         chat_template=GEMMA3_TEMPLATE,
         model_max_length=1 << 20,
     )
@@ -158,10 +159,8 @@ def _teacher_config(spec: Any, tokenizer: Any) -> Any:
 def _student_config(spec: Any, tokenizer: Any) -> Any:
     from transformers import Gemma3TextConfig
 
-    # Every 6th layer global, the rest sliding, as in Gemma 3; a window small enough to matter here.
+    # Every 6th layer global, the rest sliding, exactly as Gemma 3 (and llama.cpp's gemma3 graph) has it.
     layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(spec.num_layers)]
-    if "full_attention" not in layer_types:
-        layer_types[-1] = "full_attention"
     return Gemma3TextConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,

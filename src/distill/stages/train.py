@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, atomic_write_json, prepare_output, require_input, stage_dir
+from distill.artifacts import StageRecord, prepare_output, require_input, stage_dir
 from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.models import ensure_models
@@ -50,14 +49,14 @@ def use_bf16(cfg: PipelineConfig) -> bool:
 
 
 def load_dataset_split(cfg: PipelineConfig) -> Any:
-    from datasets import load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     folder = stage_dir(cfg, "generate") / "dataset"
     try:
         data = load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as exc:
         raise DistillError(f"{folder}: not a dataset ({exc}); run `distill generate {cfg.command_args} --overwrite`") from None
-    if "train" not in data:
+    if not isinstance(data, DatasetDict) or "train" not in data:
         raise DistillError(f"{folder}: no train split; run `distill generate {cfg.command_args} --overwrite`")
     missing = {"id", "prompt", "response"} - set(data["train"].column_names)
     if missing:
@@ -65,6 +64,8 @@ def load_dataset_split(cfg: PipelineConfig) -> Any:
             f"{folder}: train split has no {', '.join(sorted(missing))} column; "
             f"run `distill generate {cfg.command_args} --overwrite`"
         )
+    if len(data["train"]) == 0:
+        raise DistillError(f"{folder}: the train split is empty; run `distill generate {cfg.command_args} --overwrite`")
     return data["train"]
 
 
@@ -129,17 +130,25 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def make_callbacks(model: Any, collator: Any, log_path: Path) -> list[Any]:
+def make_callbacks(model: Any, log_path: Path, planned_steps: int) -> list[Any]:
     import torch
     from transformers import TrainerCallback
 
     from distill.loss import NonFiniteLoss
 
     class StepLog(TrainerCallback):
-        """Per-log-step JSONL with tokens/s, and a stop on non-finite gradients."""
+        """Checks the Trainer's step count against the plan, stops on non-finite gradients, writes log.jsonl."""
 
         def __init__(self) -> None:
             self.last = (time.perf_counter(), 0)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.max_steps != planned_steps:
+                raise DistillError(
+                    f"train: the Trainer plans {state.max_steps} steps but `distill plan` computes {planned_steps}; "
+                    "the step formula in distill/plan.py and the Trainer disagree"
+                )
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             grads = [p.grad.detach().norm() for p in model.parameters() if p.requires_grad and p.grad is not None]
@@ -147,9 +156,10 @@ def make_callbacks(model: Any, collator: Any, log_path: Path) -> list[Any]:
                 raise NonFiniteLoss("non-finite gradients")
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
-            now, seen = time.perf_counter(), collator.tokens_seen
+            # the Trainer's token count is summed over all data-parallel processes and survives a resume
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
             entry = {
                 "step": state.global_step,
                 "loss": logs["loss"],
@@ -184,6 +194,7 @@ def plot_loss(log_path: Path, target: Path) -> None:
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     import torch
+    from accelerate import PartialState
     from transformers import Trainer, TrainingArguments, set_seed
 
     from distill.loss import NonFiniteLoss, attach_response_loss
@@ -192,7 +203,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
 
     folder = stage_dir(cfg, "train")
     require_input(cfg, "generate")
-    if prepare_output(cfg, "train", overwrite) == "skip":
+    # Under torchrun/accelerate every process runs this; only the main one may clear or claim the folder.
+    procs = PartialState()
+    with procs.main_process_first():
+        mode = prepare_output(cfg, "train", overwrite and procs.is_main_process)
+    if mode == "skip":
         log.info("train: complete, skipping (%s)", folder)
         return folder
     log.info("train config: %s", cfg.train.model_dump())
@@ -202,20 +217,27 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     set_seed(cfg.seed)
     backend = choose_backend(cfg)
     bf16 = use_bf16(cfg)
-    model, tokenizer = load_student(cfg, backend, bf16)
     rows = load_dataset_split(cfg)
+    model, tokenizer = load_student(cfg, backend, bf16)
     dataset, truncated = tokenize(cfg, tokenizer, rows)
     if truncated:
-        log.warning("%d of %d examples longer than train.max_length=%d were cut at the end", truncated, len(dataset), t.max_length)
+        log.warning(
+            "%d of %d examples are longer than train.max_length=%d; their answers were cut at the end",
+            truncated, len(dataset), t.max_length,
+        )  # fmt: skip
 
+    # `distill plan` and the trainer must agree: same parameter count, same step formula.
     plan = build_plan(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    steps = train_steps(len(dataset), cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if trainable != plan["trainable_params"]:
         raise DistillError(f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}")
+    steps = train_steps(len(dataset), cfg, world_size=procs.num_processes)
+    if len(dataset) != cfg.generate.num_examples:
+        log.warning("train split has %d examples, generate.num_examples is %d", len(dataset), cfg.generate.num_examples)
+    log.info("%s backend, %s, %d examples, %d steps, %s trainable parameters", backend,
+             "bf16" if bf16 else "fp32", len(dataset), steps, f"{trainable:,}")  # fmt: skip
 
-    causal = causal_lm_of(model)
-    attach_response_loss(causal, t.loss_chunk_size)
+    attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
     collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     checkpoints = folder / "checkpoints"
     log_path = folder / "log.jsonl"
@@ -235,10 +257,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         bf16=bf16,
-        gradient_checkpointing=t.gradient_checkpointing and backend != "unsloth",
+        gradient_checkpointing=t.gradient_checkpointing and backend != "unsloth",  # Unsloth brings its own
         gradient_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
+        include_num_input_tokens_seen="non_padding",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=2,
@@ -248,16 +271,17 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=make_callbacks(model, collator, log_path))
+    callbacks = make_callbacks(model, log_path, steps)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
-    if resume is None:
-        log_path.unlink(missing_ok=True)
-    else:
-        log.info("resuming from %s", resume)
-        _trim_log(log_path, int(resume.name.split("-")[1]))
+    if procs.is_main_process:
+        if resume is None:
+            log_path.unlink(missing_ok=True)
+        else:
+            log.info("resuming from %s", resume)
+            _trim_log(log_path, int(resume.name.split("-")[1]))
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -265,40 +289,50 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         good = last_checkpoint(checkpoints)
         raise DistillError(
             f"train: {exc} at step {trainer.state.global_step + 1}; the last good checkpoint is "
-            f"{good or 'none'}. fp16 overflows Gemma 3: use train.precision=bf16 or fp32, or lower train.lr"
+            f"{good or 'none (nothing saved yet)'}. fp16 overflows Gemma 3: use train.precision=bf16 or fp32, "
+            "or lower train.lr"
         ) from None
     wall = time.perf_counter() - started
-    if trainer.state.global_step != steps:
-        raise DistillError(f"train: finished at step {trainer.state.global_step}, planned {steps}")
+    if not procs.is_main_process:
+        return folder
 
     out_name = "adapter" if t.method == "lora" else "model"
-    _save(model, tokenizer, folder / out_name)
+    _save(trainer.model, tokenizer, folder / out_name)
     plot_loss(log_path, folder / "loss.png")
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    session_tokens = trainer.state.num_input_tokens_seen - (resume_tokens(resume) if resume else 0)
     record.metrics = {
         "backend": backend,
         "precision": "bf16" if bf16 else "fp32",
         "optimizer": optimizer_name(trainer.optimizer),
+        "processes": procs.num_processes,
         "examples": len(dataset),
         "truncated": truncated,
         "steps": trainer.state.global_step,
         "planned_steps": steps,
+        "plan_steps": plan["steps"],
         "trainable_params": trainable,
-        "planned_trainable_params": plan["trainable_params"],
+        "plan_trainable_params": plan["trainable_params"],
         "all_params": sum(p.numel() for p in model.parameters()),
+        "plan_all_params": plan["all_params"],
         "final_loss": entries[-1]["loss"] if entries else None,
-        "train_tokens": collator.tokens_seen,
-        "tokens_per_s": round(collator.tokens_seen / wall, 1),
-        "samples_per_s": round(len(dataset) * t.epochs / wall, 3) if t.max_steps is None else None,
+        "train_tokens": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": round(session_tokens / wall, 1),
+        "samples_per_s": round(collator.samples_seen * procs.num_processes / wall, 3),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "resumed_from": resume.name if resume else None,
     }
     if torch.cuda.is_available():
         record.metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    atomic_write_json(folder / "metrics.json", record.metrics)
     record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
     return record.finish()
+
+
+def resume_tokens(checkpoint: Path) -> int:
+    """Tokens the run had seen when this checkpoint was written (the Trainer keeps counting from there)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen", 0))
 
 
 def optimizer_name(optimizer: Any) -> str:

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
-from distill.config import TinyModelsConfig, load_config
+from conftest import REPO, make_trained_run, run_cli
+from distill.config import load_config
 from distill.errors import DistillError
 
 
@@ -20,39 +20,7 @@ def test_planned_q8_0_size_of_real_gemma_270m() -> None:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """Tiny models, a generate stage, and a non-trivial LoRA adapter standing in for training."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distill.artifacts import StageRecord, prepare_output, stage_dir
-    from distill.models import build_tiny
-    from distill.stages.generate import run as generate
-
-    root = tmp_path_factory.mktemp("export")
-    build_tiny(root / "models", TinyModelsConfig(seed=2, corpus_size=60))
-    path = root / "cfg.yaml"
-    path.write_text(
-        f"run_name: e\nrun_dir: {root / 'runs'}\n"
-        f"models: {{teacher: {root / 'models/teacher'}, student: {root / 'models/student'}}}\n"
-        "generate: {backend: rules, num_examples: 8, validation_examples: 3, test_examples: 2}\n"
-        "train: {lora: {r: 4, alpha: 8}, precision: fp32}\nmerge: {dtype: float32, check_prompts: 2}\n"
-        "export: {check_prompts: 2}\n"
-    )
-    cfg = load_config(path)
-    generate(cfg)
-    prepare_output(cfg, "train", overwrite=False)
-    base = AutoModelForCausalLM.from_pretrained(cfg.models.student)
-    torch.manual_seed(0)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=cfg.train.lora.target_modules))
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    peft.save_pretrained(stage_dir(cfg, "train") / "adapter")
-    AutoTokenizer.from_pretrained(cfg.models.student).save_pretrained(stage_dir(cfg, "train") / "adapter")
-    StageRecord(cfg, "train", inputs=("generate",)).finish()
-    return path
+    return make_trained_run(tmp_path_factory.mktemp("export"))
 
 
 def test_merge_then_export_verified_in_llama_cpp(trained_run) -> None:

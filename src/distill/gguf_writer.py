@@ -1,6 +1,6 @@
 """GGUF files for llama.cpp, written with the `gguf` library: metadata, tensors, tokenizer, chat template.
 
-Supported architectures: gemma3 (the student), qwen3 (the teacher) and gpt2 (the compact variant).
+Supported architectures: gemma3 (the student) and qwen3 (the teacher).
 Matrices are stored as Q8_0 (or f16/f32), one-dimensional tensors (norms, biases) as f32, as
 llama.cpp's own converter does. Q8_0 blocks are 32 values -> 34 bytes (an f16 scale + 32 int8).
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from distill.errors import DistillError
 
-SUPPORTED = {"gemma3_text": "gemma3", "gemma3": "gemma3", "qwen3": "qwen3", "gpt2": "gpt2"}
+SUPPORTED = {"gemma3_text": "gemma3", "qwen3": "qwen3"}
 QK8_0, Q8_0_BLOCK_BYTES = 32, 34
 GEMMA_SWA_PATTERN = 6  # llama.cpp's gemma3 graph: every 6th layer global, the rest sliding
 
@@ -24,7 +24,7 @@ def arch_of(config: Any) -> str:
     arch = SUPPORTED.get(config.model_type)
     if arch is None:
         raise DistillError(
-            f"export: architecture '{config.model_type}' is not supported; supported: gemma3 (Gemma 3 text), qwen3, gpt2"
+            f"export: architecture '{config.model_type}' is not supported; supported: gemma3 (Gemma 3 text), qwen3"
         )
     return arch
 
@@ -50,7 +50,7 @@ def _hf_tensors(model: Any) -> list[tuple[str, Any]]:
     out = []
     for name, param in model.state_dict(keep_vars=True).items():
         key = id(param)
-        if key in seen or name.endswith("rotary_emb.inv_freq") or ".attn.bias" in name or ".attn.masked_bias" in name:
+        if key in seen or name.endswith("rotary_emb.inv_freq"):
             continue
         seen.add(key)
         out.append((name, param))
@@ -70,9 +70,6 @@ def _convert(arch: str, name: str, data: np.ndarray) -> np.ndarray:
     if arch == "gemma3" and name.endswith("norm.weight"):
         # Gemma's RMSNorm scales by (1 + w); llama.cpp's graph multiplies by the stored weight.
         return data + 1.0
-    if arch == "gpt2" and data.ndim == 2 and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
-        # GPT-2's Conv1D keeps weights as (in, out); llama.cpp wants (out, in) like Linear.
-        return data.T.copy()
     return data
 
 
@@ -86,14 +83,7 @@ def _add_tensor(writer: Any, gguf: Any, name: str, data: np.ndarray, stored: str
 
 
 def _metadata(writer: Any, arch: str, config: Any) -> None:
-    writer.add_block_count(config.num_hidden_layers if arch != "gpt2" else config.n_layer)
-    if arch == "gpt2":
-        writer.add_context_length(config.n_positions)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
-        writer.add_head_count(config.n_head)
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
-        return
+    writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -205,7 +195,7 @@ def write_gguf(model_dir: Path, target: Path, fmt: str) -> dict[str, Any]:
     if arch == "gemma3":
         _spm_vocab(writer, gguf, model_dir, tokenizer)
     else:
-        _bpe_vocab(writer, gguf, tokenizer, "qwen2" if arch == "qwen3" else "gpt-2")
+        _bpe_vocab(writer, gguf, tokenizer, "qwen2")
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml scripts/install_llama_cpp.sh
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/distill demo configs/tiny.yaml
+	$(BIN)/distill run configs/tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -42,6 +42,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command body; user errors become one line each and a non-zero exit, never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_log_handler()], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     try:
         return fn()
     except ConfigError as exc:
@@ -144,6 +145,24 @@ def train(config: ConfigArg, overrides: OverridesArg = None, overwrite: Overwrit
 
 
 # (end of stage commands)
+
+
+@app.command("run")
+def run_all(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Last stage to run.")] = None,
+) -> None:
+    """Chain generate -> train -> merge -> export -> serve, skipping complete stages, resuming partial ones."""
+
+    def body() -> None:
+        from distill.pipeline import run_pipeline
+
+        out = run_pipeline(_load(config, overrides), start, until)
+        console.print(f"[green]run:[/] {out}")
+
+    _guard(body)
 
 
 @app.command()

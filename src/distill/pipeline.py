@@ -13,7 +13,7 @@ from distill.models import ensure_models
 
 log = logging.getLogger(__name__)
 
-PIPELINE = ("generate", "train", "merge", "export", "serve", "eval")
+PIPELINE = ("generate", "train", "merge", "export", "serve")
 
 
 def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
@@ -28,10 +28,9 @@ def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
 
 
 def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> Path:
+    """Each selected stage in order; a complete one is skipped, a partial one resumes."""
     ensure_models(cfg)
     for stage in select_stages(start, until):
-        status = stage_status(cfg, stage)
-        log.info("── %s (%s)", stage, status)
-        module = importlib.import_module(f"distill.stages.{stage}")
-        module.run(cfg)
+        log.info("── %s (%s)", stage, stage_status(cfg, stage))
+        importlib.import_module(f"distill.stages.{stage}").run(cfg)
     return cfg.run_path

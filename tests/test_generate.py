@@ -262,3 +262,41 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
         proxy.shutdown()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_rouge_l_known_values() -> None:
+    from distill.selfinstruct import rouge_l
+
+    assert rouge_l("plan my next three workouts", "plan my next three workouts") == 1.0
+    assert rouge_l("a b c d", "e f g h") == 0.0
+    # LCS "a c d" of lengths 4 and 5: P = 3/4, R = 3/5
+    assert abs(rouge_l("a b c d", "a x c y d") - 2 * 0.75 * 0.6 / 1.35) < 1e-9
+
+
+def test_self_instruct_pool_with_a_real_teacher(tmp_path, models) -> None:
+    from distill.selfinstruct import load_seeds, request_pool, rouge_l
+    from distill.teachers import make_teacher
+
+    extra = "  sampling: {max_tokens: 24, temperature: 1.0}\n  self_instruct: {enabled: true, num_requests: 3, in_context: 4}\n"
+    cfg = load_config(write_config(tmp_path, models, extra), ["generate.backend=transformers"])
+    teacher = make_teacher(cfg)
+    pool = request_pool(cfg, tmp_path / "gen", teacher)
+    seeds = load_seeds(cfg)
+    assert pool[: len(seeds)] == seeds and len(pool) <= len(seeds) + 3
+    new = pool[len(seeds) :]
+    for i, request in enumerate(new):
+        assert all(rouge_l(request, other) < 0.7 for other in pool[: len(seeds) + i])
+    assert request_pool(cfg, tmp_path / "gen", teacher) == pool  # bootstrapped once, then reused
+    teacher.close()
+
+    res = run_cli("generate", str(write_config(tmp_path, models, extra)))
+    assert res.returncode == 1 and "needs a language-model teacher" in res.stderr
+
+
+def test_prompts_carry_a_request(tmp_path, models) -> None:
+    from distill.selfinstruct import with_request
+
+    prompt = "Intro line.\n\nProfile:\n- role: pilot"
+    out = with_request(prompt, "I fly long-haul and my back hurts.", "en")
+    assert out.startswith("Intro line.\nThe crew member also writes: \"I fly long-haul and my back hurts.\"")
+    assert out.endswith("Profile:\n- role: pilot")

@@ -121,6 +121,16 @@ class OpenAIConfig(Strict):
     max_retries: int = Field(4, ge=0, description="Retries with exponential backoff per request.")
 
 
+class SelfInstructConfig(Strict):
+    """Optional Self-Instruct bootstrapping of free-form crew requests (needs a language-model teacher)."""
+
+    enabled: bool = Field(False, description="Let the teacher bootstrap free-form requests that prompts then carry.")
+    seed_tasks: Path | None = Field(None, description="Seed requests JSONL; default data/seed_tasks.jsonl.")
+    num_requests: int = Field(100, ge=1, description="New requests to add to the seed pool.")
+    in_context: int = Field(8, ge=1, description="Requests shown to the teacher per new one (k).")
+    rouge_l_max: float = Field(0.7, gt=0, le=1, description="Keep a request only if its ROUGE-L to every other is below this.")
+
+
 class GenerateConfig(Strict):
     """Stage 1: the teacher writes the training data."""
 
@@ -137,6 +147,7 @@ class GenerateConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI-compatible endpoint.")
+    self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig, description="Self-Instruct requests.")
 
 
 class LoraConfig(Strict):

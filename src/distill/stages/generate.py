@@ -140,9 +140,11 @@ def load_state(path: Path) -> ShardState:
 
 
 def split_candidates(
-    cfg: PipelineConfig, shard: Shard, split: str, state: ShardState, catalog: Any, blocked: set[str]
+    cfg: PipelineConfig, shard: Shard, split: str, state: ShardState, catalog: Any, blocked: set[str],
+    requests: list[str] | None,
 ) -> Iterator[dict[str, Any]]:
     """This shard's untried instances of one split, in index order, within its attempt budget."""
+    from distill.selfinstruct import with_request
     from distill.task import make_instance, sample_profile
 
     seed = stream_seed(cfg, split)
@@ -155,6 +157,8 @@ def split_candidates(
                 history_len=cfg.task.history_len,
             )  # fmt: skip
             inst.update(id=example_id(cfg, split, index), split=split)
+            if requests:
+                inst["prompt"] = with_request(inst["prompt"], requests[index % len(requests)], cfg.task.language)
             budget -= 1
             yield inst
         index += shard.count
@@ -210,17 +214,21 @@ def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
         "test": reserved_profiles(cfg, shard, ("validation",)),
         "train": reserved_profiles(cfg, shard, ("validation", "test")),
     }
-    candidates = {split: split_candidates(cfg, shard, split, state, catalog, blocked[split]) for split in SPLITS}
-    pending = next_batch(cfg, shard, state, candidates)
-    if not pending:
+    if not has_work(cfg, shard, state):
         return state
-
-    teacher = make_teacher(cfg)
-    tokens = 0
-    started = time.perf_counter()
     columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())  # fmt: skip
+    teacher = make_teacher(cfg)
     try:
+        requests = None
+        if cfg.generate.self_instruct.enabled:
+            from distill.selfinstruct import request_pool
+
+            requests = request_pool(cfg, folder, teacher)
+        candidates = {s: split_candidates(cfg, shard, s, state, catalog, blocked[s], requests) for s in SPLITS}
+        pending = next_batch(cfg, shard, state, candidates)
+        tokens = 0
+        started = time.perf_counter()
         with Progress(*columns, transient=False) as progress, records_path.open("a", encoding="utf-8") as out:
             task = progress.add_task(shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0)
             while pending:
@@ -259,6 +267,14 @@ def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
     return load_state(records_path)
 
 
+def has_work(cfg: PipelineConfig, shard: Shard, state: ShardState) -> bool:
+    """Some split still needs examples and has attempts left."""
+    return any(
+        state.accepted[s] < shard_quota(total, shard) and state.attempts[s] < attempt_budget(cfg, shard_quota(total, shard))
+        for s, total in requested(cfg).items()
+    )
+
+
 def shard_complete(cfg: PipelineConfig, shard: Shard, state: ShardState) -> bool:
     return all(state.accepted[s] >= shard_quota(total, shard) for s, total in requested(cfg).items())
 
@@ -289,6 +305,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         log.info("generate: complete, skipping (%s)", folder)
         return folder
     log.info("generate config: %s", cfg.generate.model_dump())
+    if cfg.generate.self_instruct.enabled and cfg.generate.backend == "rules":
+        raise DistillError("generate.self_instruct.enabled needs a language-model teacher; the rules backend cannot write requests")
     if merge_shards:
         return merge(cfg, folder)
     ensure_models(cfg)

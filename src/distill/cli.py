@@ -184,9 +184,16 @@ def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = F
     """Parameters, steps and memory of the training run, from the student on the meta device."""
 
     def body() -> None:
+        from distill.artifacts import is_complete, read_manifest, stage_dir
         from distill.plan import build_plan
 
-        result = build_plan(_load(config, overrides))
+        cfg = _load(config, overrides)
+        mean_tokens = None
+        if is_complete(cfg, "generate"):
+            stats = read_manifest(stage_dir(cfg, "generate"))["metrics"]
+            if stats.get("prompt_tokens"):
+                mean_tokens = stats["prompt_tokens"]["mean"] + stats["response_tokens"]["mean"]
+        result = build_plan(cfg, mean_tokens)
         if as_json:
             console.print_json(json.dumps(result))
             return

@@ -117,3 +117,16 @@ def test_missing_gguf_names_the_command(tmp_path) -> None:
     path.write_text(f"run_name: s\nrun_dir: {tmp_path}\nmodels: {{teacher: a, student: b}}\n")
     res = run_cli("serve", str(path))
     assert res.returncode == 1 and "export/manifest.json not found: run `distill export" in res.stderr
+
+
+@pytest.mark.slow
+def test_vllm_backend_serves_the_merged_model(exported) -> None:
+    overrides = ["serve.backend=vllm", "serve.gpu_profile=a100-40gb", "serve.max_instances=1", "serve.requests=2",
+                 "serve.max_tokens=8", "serve.ready_timeout_s=180", "--overwrite"]  # fmt: skip
+    res = run_cli("serve", str(exported), *overrides)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((load_config(exported).run_path / "serve/report.json").read_text())
+    assert report["backend"] == "vllm" and report["multi_instance"]["completion_tokens"] > 0
+    # on a Turing card the plan refuses vLLM and says why
+    res = run_cli("serve", str(exported), "serve.backend=vllm", "--dry-run")
+    assert res.returncode == 1 and "compute capability 7.5" in res.stderr and "llama_cpp" in res.stderr

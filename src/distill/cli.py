@@ -119,12 +119,14 @@ def serve(
         return
 
     def body() -> None:
-        from distill.stages.serve import find_gguf, format_plan, plan_serving
         from distill.artifacts import is_complete
+        from distill.stages.serve import check_backend, format_plan, model_bytes, plan_serving, served_model
 
         cfg = _load(config, overrides)
-        model_bytes = find_gguf(cfg).stat().st_size if is_complete(cfg, "export") else None
-        result = plan_serving(cfg, model_bytes=model_bytes)
+        check_backend(cfg)
+        upstream = "export" if cfg.serve.backend == "llama_cpp" else "merge"
+        size = model_bytes(served_model(cfg)) if is_complete(cfg, upstream) else None
+        result = plan_serving(cfg, model_bytes=size)
         if as_json:
             console.print_json(json.dumps(result))
             return

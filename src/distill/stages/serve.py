@@ -45,6 +45,7 @@ GPU_PROFILES: dict[str, tuple[int, float]] = {
     "h100-80gb": (80 * GIB, 9.0),
 }
 KV_BYTES = 2  # llama.cpp keeps K and V in f16 by default
+SERVED_NAME = "student"
 LOGIT_BYTES = 4  # logits are f32
 UBATCH = 512  # llama.cpp's default physical batch: sizes its compute buffer
 
@@ -150,10 +151,12 @@ def plan_serving(cfg: PipelineConfig, model_bytes: int | None = None, measured_s
 
 def _weights_bytes(cfg: PipelineConfig, model_bytes: int | None) -> tuple[int, str]:
     if model_bytes is not None:
-        return model_bytes, "GGUF file size"
+        return model_bytes, "model file size"
     from distill.gguf_writer import planned_size
     from distill.plan import meta_model
 
+    if cfg.serve.backend == "vllm":
+        return 2 * sum(p.numel() for p in meta_model(cfg).parameters()), "bf16 weights of the student"
     return planned_size(meta_model(cfg), cfg.export.format), f"planned {cfg.export.format} size of the student"
 
 
@@ -234,23 +237,43 @@ def _ports(cfg: PipelineConfig, count: int) -> list[int]:
     return ports
 
 
+def server_command(cfg: PipelineConfig, model: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """The OpenAI-compatible server of one instance: llama.cpp on the GGUF, or vLLM on the merged model."""
+    s = cfg.serve
+    if s.backend == "llama_cpp":
+        return [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", SERVED_NAME,
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(s.context), "--n_ubatch", str(s.ubatch),
+            "--n_batch", str(s.ubatch), "--n_threads", str(s.threads_per_instance),
+            "--n_gpu_layers", "-1",  # offload everything on a GPU build; ignored by the CPU build
+        ], {}  # fmt: skip
+    import torch
+
+    gpu = torch.cuda.is_available()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(s.context), "--max-num-seqs", str(s.parallel),
+        "--dtype", "bfloat16" if gpu else "float32", "--enforce-eager",
+    ]  # fmt: skip
+    if gpu:
+        return command + ["--gpu-memory-utilization", str(round(1 / max(1, s.max_instances or 1), 3))], {}
+    # The CPU build sizes its KV cache from this variable; one in-process engine starts fastest.
+    return command, {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(s.threads_per_instance)}
+
+
 @contextmanager
-def instances(cfg: PipelineConfig, gguf: Path, count: int, log_dir: Path) -> Iterator[list[Instance]]:
-    """Start `count` llama.cpp servers in their own process groups; always stop them all on exit."""
+def instances(cfg: PipelineConfig, model: Path, count: int, log_dir: Path) -> Iterator[list[Instance]]:
+    """Start `count` servers in their own process groups; always stop them all on exit."""
     started: list[Instance] = []
     try:
         for port in _ports(cfg, count):
             log_path = log_dir / f"instance-{port}.log"
-            command = [
-                sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                "--port", str(port), "--n_ctx", str(cfg.serve.context), "--n_ubatch", str(cfg.serve.ubatch),
-                "--n_batch", str(cfg.serve.ubatch), "--n_threads", str(cfg.serve.threads_per_instance),
-                "--n_gpu_layers", "-1",  # offload everything on a GPU build; ignored by the CPU build
-            ]  # fmt: skip
+            command, env = server_command(cfg, model, port)
             with log_path.open("w") as log_file:
                 process = subprocess.Popen(
                     command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
                 )  # fmt: skip
             started.append(Instance(port, process, log_path))
         _wait_ready(started, cfg.serve.ready_timeout_s)
@@ -340,6 +363,7 @@ def drive_load(targets: list[Instance], requests: list[dict[str, Any]], concurre
         inst = targets[i % len(targets)]
         req = requests[i]
         body = {
+            "model": SERVED_NAME,
             "messages": [{"role": "user", "content": req["prompt"]}],
             "max_tokens": cfg.serve.max_tokens,
             "temperature": 0.0,
@@ -407,27 +431,52 @@ def find_gguf(cfg: PipelineConfig) -> Path:
     return existing[0]
 
 
+def _device(cfg: PipelineConfig) -> str:
+    if cfg.serve.backend == "llama_cpp":
+        import llama_cpp
+
+        return "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu"
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def check_backend(cfg: PipelineConfig) -> None:
+    """vLLM runs Gemma 3 only in bf16, which it supports from compute capability 8.0."""
+    if cfg.serve.backend == "vllm" and cfg.serve.v_gpu_mb is None and GPU_PROFILES.get(cfg.serve.gpu_profile, (0, 8.0))[1] < 8.0:
+        raise DistillError(f"serve.backend=vllm: {_vllm_note(cfg)}; set serve.backend=llama_cpp")
+
+
+def served_model(cfg: PipelineConfig) -> Path:
+    """What the instances load: the GGUF for llama.cpp, the merged folder for vLLM."""
+    check_backend(cfg)
+    if cfg.serve.backend == "llama_cpp":
+        return find_gguf(cfg)
+    require_input(cfg, "merge")
+    return stage_dir(cfg, "merge") / "model"
+
+
+def model_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     folder = stage_dir(cfg, "serve")
-    gguf = find_gguf(cfg)
+    model = served_model(cfg)
     require_input(cfg, "generate")
     if prepare_output(cfg, "serve", overwrite) == "skip":
         log.info("serve: complete, skipping (%s)", folder)
         return folder
     log.info("serve config: %s", cfg.serve.model_dump())
-    if cfg.serve.backend != "llama_cpp":
-        raise DistillError(
-            "serve.backend: only 'llama_cpp' runs the check here; vLLM serves the merged model on GPUs "
-            f"with compute capability >= 8.0 ({_vllm_note(cfg)})"
-        )
-    record = StageRecord(cfg, "serve", inputs=("export", "generate"))
-    estimate = plan_serving(cfg, model_bytes=gguf.stat().st_size)
+    upstream = "export" if cfg.serve.backend == "llama_cpp" else "merge"
+    record = StageRecord(cfg, "serve", inputs=(upstream, "generate"))
+    estimate = plan_serving(cfg, model_bytes=model_bytes(model))
     log_dir = folder / "logs"
     log_dir.mkdir(exist_ok=True)
 
-    with instances(cfg, gguf, 1, log_dir) as probe:
+    with instances(cfg, model, 1, log_dir) as probe:
         idle_rss = probe[0].sample_rss()
-    plan = plan_serving(cfg, model_bytes=gguf.stat().st_size, measured_small=idle_rss)
+    plan = plan_serving(cfg, model_bytes=model_bytes(model), measured_small=idle_rss)
     if plan["instances"] < 1:
         need = plan["v_small_bytes"] + plan["v_batch_bytes"]
         raise DistillError(
@@ -437,17 +486,16 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     started = min(plan["instances"], cfg.serve.max_instances or plan["instances"])
     requests = _held_out_requests(cfg, cfg.serve.requests)
     log.info("serve: plan says %d instances; starting %d on this machine", plan["instances"], started)
-    with instances(cfg, gguf, started, log_dir) as fleet:
+    with instances(cfg, model, started, log_dir) as fleet:
         multi = drive_load(fleet, requests, started * cfg.serve.parallel, cfg)
-    with instances(cfg, gguf, 1, log_dir) as single:
+    with instances(cfg, model, 1, log_dir) as single:
         one = drive_load(single, requests, started * cfg.serve.parallel, cfg)
-
-    import llama_cpp
 
     measured_total = sum(multi["peak_rss_bytes"])
     slot = plan["v_small_bytes"] + plan["v_batch_bytes"]
     report = {
-        "device": "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu",
+        "backend": cfg.serve.backend,
+        "device": _device(cfg),
         "estimate": estimate,
         "plan": plan,
         "instances_started": started,

@@ -176,6 +176,14 @@ def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
     assert manifest["metrics"]["resumed_from"] is not None
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs/t/train/log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+    # the token count survives the resume: every real token of both epochs, once
+    from transformers import AutoTokenizer
+
+    from distill.sft_data import encode_example
+
+    tok = AutoTokenizer.from_pretrained(models / "student")
+    lengths = [len(encode_example(tok, r["prompt"], r["response"], 512, r["id"]).input_ids) for r in examples(64)]
+    assert manifest["metrics"]["train_tokens"] == 2 * sum(lengths)
     # finished: a re-run is skipped
     again = run_cli("train", str(path))
     assert again.returncode == 0 and "skipping" in again.stderr
@@ -215,6 +223,10 @@ def test_full_fine_tuning_saves_the_whole_model(tmp_path, models) -> None:
     weights = load_file(folder / "model/model.safetensors")
     assert "model.embed_tokens.weight" in weights and not any("lora_" in k for k in weights)
     assert not (folder / "adapter").exists()
+    first = read_manifest(folder)["started"]
+    assert run(cfg) == folder and read_manifest(folder)["started"] == first  # complete: skipped
+    run(cfg, overwrite=True)
+    assert read_manifest(folder)["started"] != first
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, models) -> None:

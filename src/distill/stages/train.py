@@ -282,6 +282,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         else:
             log.info("resuming from %s", resume)
             _trim_log(log_path, int(resume.name.split("-")[1]))
+    # read now: checkpoint rotation may delete the one we resume from before training ends
+    tokens_before = resume_tokens(resume) if resume else 0
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -300,7 +302,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     _save(trainer.model, tokenizer, folder / out_name)
     plot_loss(log_path, folder / "loss.png")
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    session_tokens = trainer.state.num_input_tokens_seen - (resume_tokens(resume) if resume else 0)
+    session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     record.metrics = {
         "backend": backend,
         "precision": "bf16" if bf16 else "fp32",

@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 
 def test_help_is_instant_and_imports_nothing_heavy() -> None:

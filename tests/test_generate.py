@@ -12,10 +12,6 @@ import pytest
 
 from conftest import REPO, run_cli
 from distill.config import load_config
-from distill.errors import DistillError
-
-TINY_MODELS = {"n": 0}
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:

@@ -1,7 +1,6 @@
 """The serving check with real llama.cpp server processes on the tiny GGUF."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -108,8 +107,7 @@ def test_error_cases(exported, tmp_path) -> None:
     finally:
         gguf.write_bytes(original)
     assert servers_of(cfg.run_path / "export") == []
-    for res in (res,):
-        assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_missing_gguf_names_the_command(tmp_path) -> None:

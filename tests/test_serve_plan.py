@@ -1,7 +1,6 @@
 """The instance-count formula and each of its terms, on known numbers."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,7 @@ from distill.task.catalog import Catalog
 from distill.task.history import LoggedWorkout, sample_history
 from distill.task.profile import Profile, sample_profile
 from distill.task.rules import (
-    CARDIO_MINUTES, GOAL_SCHEMES, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, split_for,
+    GOAL_SCHEMES, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, split_for,
 )  # fmt: skip
 
 TEXT = {

@@ -99,7 +99,8 @@ def test_example_without_trainable_tokens_fails_loudly(models) -> None:
         encode_example(tok, "a long prompt " * 50, "Workout 1: push", 20, "x1")
 
 
-def test_chunked_response_loss_equals_full_logits_loss(models) -> None:
+@pytest.mark.parametrize("softcap", [None, 0.05])  # the random logits are small: 0.05 makes tanh saturate
+def test_chunked_response_loss_equals_full_logits_loss(models, softcap) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,15 +111,18 @@ def test_chunked_response_loss_equals_full_logits_loss(models) -> None:
     batch = Collator(tok.pad_token_id)([vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in examples(3)])
 
     reference = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
+    reference.config.final_logit_softcapping = softcap
     full = reference(**batch).loss  # HF's plain loss over full-vocabulary logits
     full.backward()
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
 
     ours = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
+    ours.config.final_logit_softcapping = softcap
     attach_response_loss(ours, chunk_size=37)  # a chunk size that does not divide the token count
     loss = ours(**batch).loss
     loss.backward()
     assert torch.allclose(loss, full, rtol=1e-5, atol=1e-5), (loss, full)
+    # every weight, the tied embedding / output matrix included
     for name, param in ours.named_parameters():
         assert torch.allclose(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
 

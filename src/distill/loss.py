@@ -3,8 +3,10 @@
 With Gemma 3's 262,144-token vocabulary the logits of a 4 x 4096 batch are ~4 GiB in fp32, and most of
 those positions are prompt or padding whose loss is masked anyway. Here the decoder's hidden states are
 gathered at the positions that predict a trainable label, and the output projection + cross-entropy run
-over `chunk_size` of them at a time under activation checkpointing, so at most one chunk of logits is
-alive in the forward pass and again in the backward pass.
+over `chunk_size` of them at a time. Each chunk's gradient (softmax - one-hot, through the soft-cap if
+the model has one) is taken right away in the forward pass and only the gradients w.r.t. the hidden
+states (and the output weight, when it trains) are kept: one chunk of logits is ever alive, and the
+backward pass does not recompute them.
 """
 
 from __future__ import annotations
@@ -20,29 +22,59 @@ class NonFiniteLoss(DistillError):
     """The loss became inf/NaN; the stage adds the step number and a hint."""
 
 
-def _chunk_loss(hidden: Any, targets: Any, weight: Any, softcap: float | None) -> Any:
+def _linear_cross_entropy() -> Any:
     import torch
     import torch.nn.functional as F
 
-    logits = F.linear(hidden, weight).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    class LinearCrossEntropy(torch.autograd.Function):
+        """sum_i CE(softcap(hidden_i @ weight.T), target_i), with its gradient computed chunk by chunk."""
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, chunk_size: int, softcap: float | None) -> Any:
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            for start in range(0, hidden.shape[0], chunk_size):
+                h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+                logits = F.linear(h, weight).float()
+                if softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                rows = torch.arange(t.shape[0], device=t.device)
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits[rows, t]).sum()
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one chunk-sized buffer
+                grad[rows, t] -= 1
+                if softcap:
+                    grad *= 1 - capped.square()
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = grad.to(weight.dtype) @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.T, h.float())
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, grad_total: Any) -> Any:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            return (
+                grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad_total if grad_weight is not None else None,
+                None, None, None,
+            )  # fmt: skip
+
+    return LinearCrossEntropy
 
 
 def response_loss_sum(hidden: Any, labels: Any, lm_head: Any, chunk_size: int, softcap: float | None = None) -> tuple[Any, int]:
     """(sum of token losses, number of tokens) for next-token prediction where labels != -100."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
+    if getattr(lm_head, "bias", None) is not None:
+        raise DistillError("the student's output layer has a bias; the response-only loss supports bias-free heads only")
     targets = labels[:, 1:]
     keep = targets != IGNORE
     selected = hidden[:, :-1][keep]
     wanted = targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss, selected[part], wanted[part], lm_head.weight, softcap, use_reentrant=False)
+    total = _linear_cross_entropy().apply(selected, lm_head.weight, wanted, chunk_size, softcap)
     return total, int(wanted.numel())
 
 

@@ -209,11 +209,8 @@ def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
     for record in state.accepted_records:
         dedup.add(record["response"])
     target = sum(shard_quota(total, shard) for total in requested(cfg).values())
-    blocked = {
-        "validation": set(),
-        "test": reserved_profiles(cfg, shard, ("validation",)),
-        "train": reserved_profiles(cfg, shard, ("validation", "test")),
-    }
+    validation = reserved_profiles(cfg, shard, ("validation",))
+    blocked = {"validation": set(), "test": validation, "train": validation | reserved_profiles(cfg, shard, ("test",))}
     if not has_work(cfg, shard, state):
         return state
     columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from distill.config import TinyModelsConfig, load_config
 from distill.errors import DistillError
 
@@ -40,8 +40,15 @@ def examples(n: int) -> list[dict]:
 
 
 def make_run(
-    tmp_path: Path, models: Path, n: int = 24, extra: str = "", columns: tuple[str, ...] = ("id", "prompt", "response"),
-    r: int = 8, lr: float = 5e-3, save_steps: int = 2, grad_accum: int = 2,
+    tmp_path: Path,
+    models: Path,
+    n: int = 24,
+    extra: str = "",
+    columns: tuple[str, ...] = ("id", "prompt", "response"),
+    r: int = 8,
+    lr: float = 5e-3,
+    save_steps: int = 2,
+    grad_accum: int = 2,
 ) -> Path:
     """A config plus a finished generate stage holding `n` examples."""
     from datasets import Dataset, DatasetDict
@@ -84,7 +91,9 @@ def test_unmasked_labels_are_exactly_response_and_end_of_turn(models) -> None:
         assert tok.decode(trained) == row["response"] + "<end_of_turn>"
         n_real = int(batch["attention_mask"][i].sum())
         assert trained == [int(t) for t in ids[n_real - len(trained) : n_real]]
-        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         assert tok.decode(ids[: n_real - len(trained)]) == prompt
         assert all(int(t) == IGNORE for t in labels[n_real:])
 
@@ -97,6 +106,12 @@ def test_example_without_trainable_tokens_fails_loudly(models) -> None:
     tok = AutoTokenizer.from_pretrained(models / "student")
     with pytest.raises(DistillError, match="example x1: no trainable tokens"):
         encode_example(tok, "a long prompt " * 50, "Workout 1: push", 20, "x1")
+    # too long but with answer tokens left: cut at the end, flagged, the prompt intact
+    row = examples(1)[0]
+    whole = encode_example(tok, row["prompt"], row["response"], 4096, "x2")
+    cut = encode_example(tok, row["prompt"], row["response"], len(whole.input_ids) - 10, "x2")
+    assert cut.truncated and not whole.truncated
+    assert cut.input_ids == whole.input_ids[:-10] and cut.labels == whole.labels[:-10]
 
 
 @pytest.mark.parametrize("softcap", [None, 0.05])  # the random logits are small: 0.05 makes tanh saturate
@@ -108,7 +123,9 @@ def test_chunked_response_loss_equals_full_logits_loss(models, softcap) -> None:
     from distill.sft_data import Collator, encode_example
 
     tok = AutoTokenizer.from_pretrained(models / "student")
-    batch = Collator(tok.pad_token_id)([vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in examples(3)])
+    batch = Collator(tok.pad_token_id)(
+        [vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in examples(3)]
+    )
 
     reference = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
     reference.config.final_logit_softcapping = softcap
@@ -127,6 +144,7 @@ def test_chunked_response_loss_equals_full_logits_loss(models, softcap) -> None:
         assert torch.allclose(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, models) -> None:
     import torch
     from safetensors.torch import load_file
@@ -193,9 +211,12 @@ def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
     assert again.returncode == 0 and "skipping" in again.stderr
 
 
+@pytest.mark.slow
 def test_input_errors(tmp_path, models) -> None:
     path = tmp_path / "none.yaml"
-    path.write_text(f"run_name: t\nrun_dir: {tmp_path / 'r'}\nmodels: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n")
+    path.write_text(
+        f"run_name: t\nrun_dir: {tmp_path / 'r'}\nmodels: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
+    )
     result = run_cli("train", str(path))
     assert result.returncode == 1 and "generate/manifest.json not found: run `distill generate" in result.stderr
 
@@ -239,7 +260,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, mod
     # step 1 is warm-up (lr 0); step 2 at this learning rate sends the adapter weights to ~1e30, so the
     # loss of step 3 overflows
     cfg = load_config(make_run(tmp_path, models, n=8, extra="  max_steps: 4\n", lr=1e30, save_steps=1, grad_accum=1))
-    with pytest.raises(DistillError, match=r"non-finite loss at step 3; the last good checkpoint is .*checkpoint-2\. fp16"):
+    with pytest.raises(
+        DistillError, match=r"non-finite loss at step 3; the last good checkpoint is .*checkpoint-2\. fp16"
+    ):
         run(cfg)
     assert (tmp_path / "runs/t/train/checkpoints/checkpoint-2/adapter_model.safetensors").is_file()
     assert not (tmp_path / "runs/t/train/manifest.json").exists()

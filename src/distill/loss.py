@@ -66,10 +66,14 @@ def _linear_cross_entropy() -> Any:
     return LinearCrossEntropy
 
 
-def response_loss_sum(hidden: Any, labels: Any, lm_head: Any, chunk_size: int, softcap: float | None = None) -> tuple[Any, int]:
+def response_loss_sum(
+    hidden: Any, labels: Any, lm_head: Any, chunk_size: int, softcap: float | None = None
+) -> tuple[Any, int]:
     """(sum of token losses, number of tokens) for next-token prediction where labels != -100."""
     if getattr(lm_head, "bias", None) is not None:
-        raise DistillError("the student's output layer has a bias; the response-only loss supports bias-free heads only")
+        raise DistillError(
+            "the student's output layer has a bias; the response-only loss supports bias-free heads only"
+        )
     targets = labels[:, 1:]
     keep = targets != IGNORE
     selected = hidden[:, :-1][keep]

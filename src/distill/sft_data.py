@@ -49,7 +49,9 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int, 
     answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     eot = end_of_turn_id(tokenizer)
     if eot not in answer_ids:
-        raise DistillError(f"example {example_id}: the rendered answer has no end-of-turn token ({tokenizer.eos_token})")
+        raise DistillError(
+            f"example {example_id}: the rendered answer has no end-of-turn token ({tokenizer.eos_token})"
+        )
     # Text the template adds after the end of turn (a newline) is never generated, so it is not trained.
     answer_ids = answer_ids[: answer_ids.index(eot) + 1]
     input_ids = prompt_ids + answer_ids

@@ -35,6 +35,10 @@ def choose_backend(cfg: PipelineConfig) -> str:
             "train.backend=unsloth needs a CUDA GPU and `pip install unsloth` (the `gpu` extra); "
             "use train.backend=transformers on this machine"
         )
+    if wanted == "unsloth" and cfg.train.method != "lora":
+        raise DistillError(
+            "train.backend=unsloth: only train.method=lora is wired to Unsloth; use train.backend=transformers"
+        )
     if wanted == "auto":
         return "unsloth" if has_unsloth and torch.cuda.is_available() and cfg.train.method == "lora" else "transformers"
     return wanted
@@ -55,7 +59,9 @@ def load_dataset_split(cfg: PipelineConfig) -> Any:
     try:
         data = load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as exc:
-        raise DistillError(f"{folder}: not a dataset ({exc}); run `distill generate {cfg.command_args} --overwrite`") from None
+        raise DistillError(
+            f"{folder}: not a dataset ({exc}); run `distill generate {cfg.command_args} --overwrite`"
+        ) from None
     if not isinstance(data, DatasetDict) or "train" not in data:
         raise DistillError(f"{folder}: no train split; run `distill generate {cfg.command_args} --overwrite`")
     missing = {"id", "prompt", "response"} - set(data["train"].column_names)
@@ -96,7 +102,9 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, An
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=cfg.models.student, max_seq_length=t.max_length, dtype=torch.bfloat16 if bf16 else None,
+            # explicit dtype: left to itself Unsloth picks fp16 on pre-Ampere GPUs, which overflows Gemma 3
+            model_name=cfg.models.student, max_seq_length=t.max_length,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
             load_in_4bit=False,
         )  # fmt: skip
         model = FastLanguageModel.get_peft_model(
@@ -155,7 +163,9 @@ def make_callbacks(model: Any, log_path: Path, planned_steps: int) -> list[Any]:
             if grads and not bool(torch.isfinite(torch.stack(grads)).all()):
                 raise NonFiniteLoss("non-finite gradients")
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             # the Trainer's token count is summed over all data-parallel processes and survives a resume
@@ -192,57 +202,13 @@ def plot_loss(log_path: Path, target: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
+def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Path) -> Any:
     import torch
-    from accelerate import PartialState
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    from distill.loss import NonFiniteLoss, attach_response_loss
-    from distill.plan import build_plan, train_steps
-    from distill.sft_data import Collator
-
-    folder = stage_dir(cfg, "train")
-    require_input(cfg, "generate")
-    # Under torchrun/accelerate every process runs this; only the main one may clear or claim the folder.
-    procs = PartialState()
-    with procs.main_process_first():
-        mode = prepare_output(cfg, "train", overwrite and procs.is_main_process)
-    if mode == "skip":
-        log.info("train: complete, skipping (%s)", folder)
-        return folder
-    log.info("train config: %s", cfg.train.model_dump())
-    ensure_models(cfg)
-    record = StageRecord(cfg, "train", inputs=("generate",))
     t = cfg.train
-    set_seed(cfg.seed)
-    backend = choose_backend(cfg)
-    bf16 = use_bf16(cfg)
-    rows = load_dataset_split(cfg)
-    model, tokenizer = load_student(cfg, backend, bf16)
-    dataset, truncated = tokenize(cfg, tokenizer, rows)
-    if truncated:
-        log.warning(
-            "%d of %d examples are longer than train.max_length=%d; their answers were cut at the end",
-            truncated, len(dataset), t.max_length,
-        )  # fmt: skip
-
-    # `distill plan` and the trainer must agree: same parameter count, same step formula.
-    plan = build_plan(cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable != plan["trainable_params"]:
-        raise DistillError(f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}")
-    steps = train_steps(len(dataset), cfg, world_size=procs.num_processes)
-    if len(dataset) != cfg.generate.num_examples:
-        log.warning("train split has %d examples, generate.num_examples is %d", len(dataset), cfg.generate.num_examples)
-    log.info("%s backend, %s, %d examples, %d steps, %s trainable parameters", backend,
-             "bf16" if bf16 else "fp32", len(dataset), steps, f"{trainable:,}")  # fmt: skip
-
-    attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
-    collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    checkpoints = folder / "checkpoints"
-    log_path = folder / "log.jsonl"
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
+    return TrainingArguments(
+        output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
@@ -273,16 +239,71 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
+    import torch
+    from transformers import Trainer, set_seed
+
+    from distill.loss import NonFiniteLoss, attach_response_loss
+    from distill.plan import build_plan, train_steps
+    from distill.sft_data import Collator
+
+    folder = stage_dir(cfg, "train")
+    checkpoints = folder / "checkpoints"
+    log_path = folder / "log.jsonl"
+    require_input(cfg, "generate")
+    t = cfg.train
+    backend = choose_backend(cfg)
+    bf16 = use_bf16(cfg)
+    # The Trainer's arguments set up data parallelism (under torchrun / accelerate launch every process
+    # runs this function); only the main process may clear or claim the folder and build models.
+    args = training_args(cfg, backend, bf16, checkpoints)
+    main = args.process_index == 0
+    with args.main_process_first(local=False, desc="preparing the train folder"):
+        mode = prepare_output(cfg, "train", overwrite and main)
+        if mode != "skip":
+            ensure_models(cfg)
+    if mode == "skip":
+        log.info("train: complete, skipping (%s)", folder)
+        return folder
+    log.info("train config: %s", t.model_dump())
+    record = StageRecord(cfg, "train", inputs=("generate",))
+    set_seed(cfg.seed)
+    rows = load_dataset_split(cfg)
+    model, tokenizer = load_student(cfg, backend, bf16)
+    dataset, truncated = tokenize(cfg, tokenizer, rows)
+    if truncated:
+        log.warning(
+            "%d of %d examples are longer than train.max_length=%d; their answers were cut at the end",
+            truncated, len(dataset), t.max_length,
+        )  # fmt: skip
+
+    # `distill plan` and the trainer must agree: same parameter count, same step formula.
+    plan = build_plan(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != plan["trainable_params"]:
+        raise DistillError(
+            f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}"
+        )
+    steps = train_steps(len(dataset), cfg, world_size=args.world_size)
+    if len(dataset) != cfg.generate.num_examples:
+        log.warning("train split has %d examples, generate.num_examples is %d", len(dataset), cfg.generate.num_examples)
+    log.info("%s backend, %s, %d process(es), %d examples, %d steps, %s trainable parameters", backend,
+             "bf16" if bf16 else "fp32", args.world_size, len(dataset), steps, f"{trainable:,}")  # fmt: skip
+
+    attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
+    collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     callbacks = make_callbacks(model, log_path, steps)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
-    if procs.is_main_process:
+    if main:
         if resume is None:
             log_path.unlink(missing_ok=True)
         else:
             log.info("resuming from %s", resume)
             _trim_log(log_path, int(resume.name.split("-")[1]))
-    # read now: checkpoint rotation may delete the one we resume from before training ends
+    # read now: the checkpoint we resume from is rotated away (save_total_limit) during training
     tokens_before = resume_tokens(resume) if resume else 0
     started = time.perf_counter()
     try:
@@ -295,7 +316,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             "or lower train.lr"
         ) from None
     wall = time.perf_counter() - started
-    if not procs.is_main_process:
+    if not main:
         return folder
 
     out_name = "adapter" if t.method == "lora" else "model"
@@ -307,7 +328,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "backend": backend,
         "precision": "bf16" if bf16 else "fp32",
         "optimizer": optimizer_name(trainer.optimizer),
-        "processes": procs.num_processes,
+        "processes": args.world_size,
         "examples": len(dataset),
         "truncated": truncated,
         "steps": trainer.state.global_step,
@@ -320,7 +341,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "final_loss": entries[-1]["loss"] if entries else None,
         "train_tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(session_tokens / wall, 1),
-        "samples_per_s": round(collator.samples_seen * procs.num_processes / wall, 3),
+        "samples_per_s": round(collator.samples_seen * args.world_size / wall, 3),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "resumed_from": resume.name if resume else None,
@@ -358,4 +379,3 @@ def _save(model: Any, tokenizer: Any, target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-

@@ -53,6 +53,20 @@ def test_merge_then_export_verified_in_llama_cpp(trained_run) -> None:
     assert norms and all(t.tensor_type.name == "F32" for t in norms)
 
 
+def test_missing_llama_cpp_is_a_one_line_error(trained_run, tmp_path) -> None:
+    # shadow the installed package with one that fails to import, as on a machine where the build was skipped
+    masked = tmp_path / "masked" / "llama_cpp"
+    masked.mkdir(parents=True)
+    (masked / "__init__.py").write_text("raise ImportError('llama_cpp hidden by the test')\n")
+    gguf = load_config(trained_run).run_path / "export" / "e-q8_0.gguf"
+    before = gguf.read_bytes()
+    for stage in (["eval", "--model", "gguf"], ["serve"]):
+        res = run_cli(stage[0], str(trained_run), *stage[1:], env={"PYTHONPATH": str(masked.parent)})
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"{stage[0]}: llama-cpp-python is not installed; run `make setup`" in res.stderr
+    assert gguf.read_bytes() == before
+
+
 def test_teacher_qwen3_exports_and_agrees(trained_run, tmp_path) -> None:
     from transformers import AutoTokenizer
 

@@ -100,6 +100,12 @@ def merge(config: ConfigArg, overrides: OverridesArg = None, overwrite: Overwrit
 
 
 @app.command()
+def prune(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
+    """Compact variant: L1-prune every Linear/Conv1D weight of the merged model; sparsity per layer."""
+    _run_stage("prune", config, overrides, overwrite)
+
+
+@app.command()
 def export(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
     """Write the merged model as GGUF (Q8_0 by default) and verify it in llama.cpp."""
     _run_stage("export", config, overrides, overwrite)
@@ -146,6 +152,19 @@ def train(config: ConfigArg, overrides: OverridesArg = None, overwrite: Overwrit
     _run_stage("train", config, overrides, overwrite)
 
 
+@app.command("eval")
+def eval_(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    model: Annotated[
+        str, typer.Option(help="teacher, base, adapter, merged, pruned, gguf or int8.")
+    ] = "merged",
+) -> None:
+    """Score one model's programs for held-out test profiles: validity, violations, agreement, perplexity, latency."""
+    _run_stage("eval", config, overrides, overwrite, model=model)
+
+
 # (end of stage commands)
 
 
@@ -156,13 +175,14 @@ def run_all(
     start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Last stage to run.")] = None,
 ) -> None:
-    """Chain generate -> train -> merge -> export -> serve, skipping complete stages, resuming partial ones."""
+    """Chain generate -> train -> merge -> export -> serve -> eval, skipping complete stages, resuming partial
+    ones; then write REPORT.md."""
 
     def body() -> None:
         from distill.pipeline import run_pipeline
 
-        out = run_pipeline(_load(config, overrides), start, until)
-        console.print(f"[green]run:[/] {out}")
+        report = run_pipeline(_load(config, overrides), start, until)
+        console.print(f"[green]run:[/] report at {report}")
 
     _guard(body)
 

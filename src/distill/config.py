@@ -18,16 +18,24 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from distill.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("generate", "train", "merge", "export", "serve", "eval")
+STAGES = ("generate", "train", "merge", "prune", "export", "serve", "eval")
 # Which config sections each stage's output depends on, upstream included: a change there makes it stale.
 STAGE_SECTIONS = {
     "generate": ("generate",),
     "train": ("generate", "train"),
     "merge": ("generate", "train", "merge"),
-    "export": ("generate", "train", "merge", "export"),
-    "serve": ("generate", "train", "merge", "export", "serve"),
-    "eval": ("generate", "train", "merge", "export", "eval"),
+    "prune": ("generate", "train", "merge", "prune"),
+    "export": ("generate", "train", "merge", "prune", "export"),
+    "serve": ("generate", "train", "merge", "prune", "export", "serve"),
+    "eval": ("generate", "train", "merge", "prune", "export", "eval"),
 }
+
+
+# The stage each evaluated model comes from; `eval/<model>` is stale when that stage's settings change.
+EVAL_MODELS = {
+    "teacher": "generate", "base": "generate", "adapter": "train", "merged": "merge", "pruned": "prune",
+    "gguf": "export", "int8": "export",
+}  # fmt: skip
 
 
 class Strict(BaseModel):
@@ -44,6 +52,9 @@ class TinyModelSpec(Strict):
     head_dim: int = Field(32, ge=32, description="Per-head size; vLLM's CPU attention needs >= 32.")
     intermediate_size: int = Field(384, gt=0, description="MLP inner size.")
     max_position_embeddings: int = Field(4096, gt=0, description="Longest position the model supports.")
+    sliding_window: int = Field(
+        512, gt=0, description="Span of a Gemma student's local-attention layers (Gemma 3: 512; 5 of every 6 layers)."
+    )
 
 
 class TinyModelsConfig(Strict):
@@ -52,10 +63,15 @@ class TinyModelsConfig(Strict):
     seed: int = Field(0, description="Seed for weights and tokenizer corpus.")
     vocab_size: int = Field(4096, ge=512, description="Tokenizer vocabulary size, specials included.")
     corpus_size: int = Field(300, gt=0, description="Task instances rendered to train the tokenizers.")
+    student_arch: Literal["gemma3", "gpt2"] = Field(
+        "gemma3",
+        description="Student architecture: gemma3 (SentencePiece tokenizer) or gpt2 (the compact variant, sharing "
+        "the teacher's byte-level BPE task tokenizer).",
+    )
     teacher: TinyModelSpec = Field(default_factory=TinyModelSpec, description="Tiny Qwen3 teacher shape.")
     student: TinyModelSpec = Field(
         default_factory=lambda: TinyModelSpec(num_layers=4, num_kv_heads=1, intermediate_size=512),
-        description="Tiny Gemma3 student shape.",
+        description="Tiny student shape (for gpt2: hidden_size = n_embd, num_heads = n_head; kv heads and head_dim unused).",
     )
 
 
@@ -202,10 +218,20 @@ class MergeConfig(Strict):
     tolerance: float = Field(1e-3, gt=0, description="Max abs logits diff allowed (in float32 comparison).")
 
 
+class PruneConfig(Strict):
+    """Compact variant: L1-unstructured pruning of the trained student, made permanent."""
+
+    enabled: bool = Field(False, description="Prune after merge (the compact CPU variant); off for the LoRA pipeline.")
+    amount: float = Field(0.4, gt=0, lt=1, description="Fraction of each Linear/Conv1D weight zeroed, smallest |w| first.")
+
+
 class ExportConfig(Strict):
     """Stage 4: GGUF (or torch int8) export, verified against the merged model."""
 
     format: Literal["q8_0", "f16", "f32"] = Field("q8_0", description="GGUF tensor format for matrices.")
+    torch_int8: bool = Field(
+        False, description="Also write a PyTorch dynamic int8 copy (fbgemm, Linear layers) for CPU inference."
+    )
     check_prompts: int = Field(4, ge=1, description="Validation prompts for the agreement check.")
     min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Required next-token top-1 agreement.")
     max_abs_logit_diff: float = Field(
@@ -247,6 +273,10 @@ class ServeConfig(Strict):
 class EvalConfig(Strict):
     """Held-out quality of any stage's model."""
 
+    models: list[Literal["teacher", "base", "adapter", "merged", "pruned", "gguf", "int8"]] = Field(
+        default_factory=lambda: ["teacher", "base", "merged", "gguf"],
+        description="Models `distill run` evaluates, in order (`distill eval --model` picks one).",
+    )
     num_prompts: int = Field(50, ge=1, description="Held-out test prompts scored per model.")
     max_new_tokens: int = Field(512, ge=1, description="Longest generated program in tokens.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
@@ -263,6 +293,7 @@ class PipelineConfig(Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Stage 1.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Stage 3.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Stage 3b (compact variant).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Stage 4.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Stage 5.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
@@ -283,7 +314,12 @@ class PipelineConfig(Strict):
     def stage_fingerprint(self, stage: str) -> str:
         """Hash of the settings a stage's output depends on; a change means the output is stale."""
         data = self.model_dump(mode="json")
-        subset = {k: data[k] for k in ("seed", "models", "task", *STAGE_SECTIONS[stage])}
+        if stage.startswith("eval/"):
+            sections = (*STAGE_SECTIONS[EVAL_MODELS[stage.removeprefix("eval/")]], "eval")
+        else:
+            sections = STAGE_SECTIONS[stage]
+        subset = {k: data[k] for k in ("seed", "models", "task", *sections)}
+        subset.get("eval", {}).pop("models", None)  # which models to evaluate does not change any result
         return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
 

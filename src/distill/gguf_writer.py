@@ -1,6 +1,6 @@
 """GGUF files for llama.cpp, written with the `gguf` library: metadata, tensors, tokenizer, chat template.
 
-Supported architectures: gemma3 (the student) and qwen3 (the teacher).
+Supported architectures: gemma3 (the student), gpt2 (the compact variant's student) and qwen3 (the teacher).
 Matrices are stored as Q8_0 (or f16/f32), one-dimensional tensors (norms, biases) as f32, as
 llama.cpp's own converter does. Q8_0 blocks are 32 values -> 34 bytes (an f16 scale + 32 int8).
 """
@@ -15,7 +15,9 @@ import numpy as np
 
 from distill.errors import DistillError
 
-SUPPORTED = {"gemma3_text": "gemma3", "qwen3": "qwen3"}
+SUPPORTED = {"gemma3_text": "gemma3", "gpt2": "gpt2", "qwen3": "qwen3"}
+# HF GPT-2 keeps these weights in Conv1D layout (in x out); llama.cpp wants Linear's (out x in).
+GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 QK8_0, Q8_0_BLOCK_BYTES = 32, 34
 GEMMA_SWA_PATTERN = 6  # llama.cpp's gemma3 graph: every 6th layer global, the rest sliding
 
@@ -24,7 +26,7 @@ def arch_of(config: Any) -> str:
     arch = SUPPORTED.get(config.model_type)
     if arch is None:
         raise DistillError(
-            f"export: architecture '{config.model_type}' is not supported; supported: gemma3 (Gemma 3 text), qwen3"
+            f"export: architecture '{config.model_type}' is not supported; supported: gemma3 (Gemma 3 text), gpt2, qwen3"
         )
     return arch
 
@@ -70,6 +72,8 @@ def _convert(arch: str, name: str, data: np.ndarray) -> np.ndarray:
     if arch == "gemma3" and name.endswith("norm.weight"):
         # Gemma's RMSNorm scales by (1 + w); llama.cpp's graph multiplies by the stored weight.
         return data + 1.0
+    if arch == "gpt2" and name.endswith(GPT2_CONV1D):
+        return np.ascontiguousarray(data.T)
     return data
 
 
@@ -83,6 +87,14 @@ def _add_tensor(writer: Any, gguf: Any, name: str, data: np.ndarray, stored: str
 
 
 def _metadata(writer: Any, arch: str, config: Any) -> None:
+    if arch == "gpt2":
+        writer.add_block_count(config.n_layer)
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

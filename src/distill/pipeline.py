@@ -1,4 +1,4 @@
-"""`distill run`: every stage in order, skipping complete ones and resuming partial ones."""
+"""`distill run`: every stage in order, skipping complete ones and resuming partial ones, then REPORT.md."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from distill.models import ensure_models
 
 log = logging.getLogger(__name__)
 
-PIPELINE = ("generate", "train", "merge", "export", "serve")
+PIPELINE = ("generate", "train", "merge", "prune", "export", "serve", "eval")
 
 
 def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
@@ -27,10 +27,30 @@ def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
     return PIPELINE[first : last + 1]
 
 
+def enabled(cfg: PipelineConfig, stage: str) -> bool:
+    """Pruning belongs to the compact variant only."""
+    return stage != "prune" or cfg.prune.enabled
+
+
 def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> Path:
-    """Each selected stage in order; a complete one is skipped, a partial one resumes."""
+    """Each selected stage in order; a complete one is skipped, a partial one resumes. Returns REPORT.md."""
+    from distill.report import write_report
+    from distill.stages.eval import check_eval_models
+
+    stages = select_stages(start, until)
+    check_eval_models(cfg)
     ensure_models(cfg)
-    for stage in select_stages(start, until):
+    for stage in stages:
+        if not enabled(cfg, stage):
+            continue
+        if stage == "eval":
+            from distill.stages.eval import eval_stage
+            from distill.stages.eval import run as evaluate
+
+            for model in cfg.eval.models:
+                log.info("── eval %s (%s)", model, stage_status(cfg, eval_stage(model)))
+                evaluate(cfg, model=model)
+            continue
         log.info("── %s (%s)", stage, stage_status(cfg, stage))
         importlib.import_module(f"distill.stages.{stage}").run(cfg)
-    return cfg.run_path
+    return write_report(cfg)

@@ -92,6 +92,8 @@ def build_plan(cfg: PipelineConfig, mean_tokens: float | None = None) -> dict[st
     vocab = text_cfg.vocab_size
     layers = text_cfg.num_hidden_layers
     seq_len = cfg.train.max_length
+    # GPT-2 names its MLP width n_inner, and None there means 4 x hidden.
+    mlp = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
     # Weights in training precision; trainable params keep fp32 master weights + grads + 2 optimizer states
     # (1 byte each for 8-bit AdamW, 4 for plain AdamW).
     state_bytes = 2 if cfg.train.optim == "adamw_8bit" else 8
@@ -99,7 +101,7 @@ def build_plan(cfg: PipelineConfig, mean_tokens: float | None = None) -> dict[st
     optimizer = trainable * (4 + 4 + state_bytes)
     # With checkpointing only each layer's input is kept, plus one layer's working set at a time.
     per_layer = batch * seq_len * hidden * BYTES[precision]
-    working = batch * seq_len * (4 * hidden + 2 * text_cfg.intermediate_size) * BYTES[precision]
+    working = batch * seq_len * (4 * hidden + 2 * mlp) * BYTES[precision]
     activations = (layers * per_layer + working) if cfg.train.gradient_checkpointing else layers * working
     logits_full = batch * seq_len * vocab * 4 * 2  # fp32 logits and their gradient
     logits_chunked = min(cfg.train.loss_chunk_size, batch * seq_len) * vocab * 4 * 2

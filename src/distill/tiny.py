@@ -1,4 +1,5 @@
-"""Tiny random teacher (Qwen3) and student (Gemma 3) built locally, with tokenizers trained on task text.
+"""Tiny random teacher (Qwen3) and student (Gemma 3, or GPT-2 for the compact variant) built locally, with
+tokenizers trained on task text.
 
 They stand in for Qwen3-4B and Gemma-3-270M-it wherever no hub is reachable (tests, demo, CI), with
 the same architectures, chat templates and tokenizer kinds: byte-level BPE for the teacher like
@@ -50,11 +51,13 @@ QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 GEMMA_TURNS = ["<start_of_turn>", "<end_of_turn>"]
+STUDENT_EMBED_STD = 0.1
 SPEC_FILE = "tiny_spec.json"  # what a folder was built from, so a changed spec triggers a rebuild
 
 
 def spec_json(spec: Any) -> str:
-    return json.dumps(spec.model_dump(), indent=2, sort_keys=True)
+    # The builder's own constants are part of what a folder was built from.
+    return json.dumps({**spec.model_dump(), "student_embed_std": STUDENT_EMBED_STD}, indent=2, sort_keys=True)
 
 
 def _teacher_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -108,6 +111,9 @@ def _student_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Any:
         user_defined_symbols=GEMMA_TURNS,
         byte_fallback=True,
         split_digits=True,
+        # let pieces span "_": exercise ids become one or two tokens instead of four or five, which cuts
+        # sequences by a third and makes copying them from the prompt far easier for a tiny model
+        split_by_unicode_script=False,
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
@@ -171,7 +177,7 @@ def _student_config(spec: Any, tokenizer: Any) -> Any:
         head_dim=spec.head_dim,
         query_pre_attn_scalar=spec.head_dim,
         max_position_embeddings=spec.max_position_embeddings,
-        sliding_window=512,
+        sliding_window=spec.sliding_window,
         layer_types=layer_types,
         rope_parameters={
             "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
@@ -185,12 +191,34 @@ def _student_config(spec: Any, tokenizer: Any) -> Any:
     )
 
 
-def _save(model_cls: Any, config: Any, tokenizer: Any, folder: Path, eos_ids: list[int], seed: int) -> None:
+def _gpt2_config(spec: Any, tokenizer: Any) -> Any:
+    from transformers import GPT2Config
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=spec.max_position_embeddings,
+        n_embd=spec.hidden_size,
+        n_layer=spec.num_layers,
+        n_head=spec.num_heads,
+        n_inner=spec.intermediate_size,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+
+
+def _save(
+    model_cls: Any, config: Any, tokenizer: Any, folder: Path, eos_ids: list[int], seed: int, embed_std: float | None = None
+) -> None:
     import torch
     from transformers import GenerationConfig
 
     torch.manual_seed(seed)
     model = model_cls(config)
+    if embed_std is not None:
+        model.get_input_embeddings().weight.data.normal_(0.0, embed_std)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -212,10 +240,18 @@ def build_tiny_models(out_dir: Path, texts: list[str], spec: Any) -> dict[str, P
     eos = [teacher_tok.convert_tokens_to_ids("<|im_end|>"), teacher_tok.convert_tokens_to_ids("<|endoftext|>")]
     _save(Qwen3ForCausalLM, teacher_cfg, teacher_tok, teacher_dir, eos, spec.seed)
 
-    student_tok = _student_tokenizer(texts, spec.vocab_size, student_dir)
-    student_cfg = _student_config(spec.student, student_tok)
-    eos = [1, student_tok.convert_tokens_to_ids("<end_of_turn>")]
-    _save(Gemma3ForCausalLM, student_cfg, student_tok, student_dir, eos, spec.seed + 1)
+    if spec.student_arch == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        # The compact variant's student speaks the task tokenizer (the teacher's), trained in full.
+        _save(GPT2LMHeadModel, _gpt2_config(spec.student, teacher_tok), teacher_tok, student_dir, eos, spec.seed + 1)
+    else:
+        student_tok = _student_tokenizer(texts, spec.vocab_size, student_dir)
+        student_cfg = _student_config(spec.student, student_tok)
+        eos = [1, student_tok.convert_tokens_to_ids("<end_of_turn>")]
+        # HF's 0.02 init gives the tied head logits of only about +-2.6: LoRA, which cannot reach the
+        # embeddings, then stalls near loss 6. A pre-trained Gemma's head is far sharper than that.
+        _save(Gemma3ForCausalLM, student_cfg, student_tok, student_dir, eos, spec.seed + 1, embed_std=STUDENT_EMBED_STD)
 
     for folder in (teacher_dir, student_dir):
         (folder / SPEC_FILE).write_text(spec_json(spec))

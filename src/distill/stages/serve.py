@@ -27,6 +27,7 @@ from typing import Any
 from distill.artifacts import StageRecord, atomic_write_json, atomic_write_text, prepare_output, require_input, stage_dir
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.stages.export import llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -433,9 +434,7 @@ def find_gguf(cfg: PipelineConfig) -> Path:
 
 def _device(cfg: PipelineConfig) -> str:
     if cfg.serve.backend == "llama_cpp":
-        import llama_cpp
-
-        return "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu"
+        return "gpu" if llama_cpp("serve").llama_supports_gpu_offload() else "cpu"
     import torch
 
     return "gpu" if torch.cuda.is_available() else "cpu"
@@ -464,6 +463,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     folder = stage_dir(cfg, "serve")
     model = served_model(cfg)
     require_input(cfg, "generate")
+    if cfg.serve.backend == "llama_cpp":
+        llama_cpp("serve")  # the instances run its server module: say so before starting any
     if prepare_output(cfg, "serve", overwrite) == "skip":
         log.info("serve: complete, skipping (%s)", folder)
         return folder

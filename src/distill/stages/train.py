@@ -295,6 +295,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
     collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     callbacks = make_callbacks(model, log_path, steps)
+    _forget_earlier_optimizer_overrides()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     if main:
@@ -358,6 +359,15 @@ def resume_tokens(checkpoint: Path) -> int:
     return int(state.get("num_input_tokens_seen", 0))
 
 
+def _forget_earlier_optimizer_overrides() -> None:
+    """bitsandbytes keeps the Trainer's "embeddings in 32-bit" overrides in a process-wide singleton keyed by
+    parameter position: a second training in the same process (a notebook, a sweep) would otherwise keep this
+    model's tensors at those positions in 32-bit state."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    GlobalOptimManager.get_instance().initialize()
+
+
 def optimizer_name(optimizer: Any) -> str:
     """The class doing the updates, under accelerate's wrapper."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -375,6 +385,7 @@ def _save(model: Any, tokenizer: Any, target: Path) -> None:
     """Write into a temp folder and rename, so a crash never leaves a half-saved model behind."""
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True  # the Trainer switched the KV cache off for training; this model is for inference
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)

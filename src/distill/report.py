@@ -1,0 +1,203 @@
+"""`<run>/REPORT.md`: one page with the pipeline's key numbers, read from the stages' manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import atomic_write_text, read_manifest, stage_dir, stage_status
+from distill.config import PipelineConfig
+
+MIB = 2**20
+
+
+def _metrics(cfg: PipelineConfig, stage: str) -> dict[str, Any] | None:
+    """A stage's metrics when it is complete for this config (a stale result would misreport this run)."""
+    if stage_status(cfg, stage) != "complete":
+        return None
+    return (read_manifest(stage_dir(cfg, stage)) or {}).get("metrics", {})
+
+
+def _wall(cfg: PipelineConfig, stage: str) -> float:
+    return (read_manifest(stage_dir(cfg, stage)) or {}).get("wall_s", 0.0)
+
+
+def _missing(cfg: PipelineConfig, stage: str) -> list[str]:
+    return [f"Not run yet: `distill {stage} {cfg.command_args}` (or `distill run {cfg.command_args}`).", ""]
+
+
+def _generate(cfg: PipelineConfig, m: dict[str, Any]) -> list[str]:
+    counts = m["counts"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(m["reject_reasons"].items(), key=lambda kv: -kv[1])) or "none"
+    lines = [
+        (
+            f"Teacher `{cfg.models.teacher}` through the `{m['backend']}` backend: {counts['train']} training, "
+            f"{counts['validation']} validation and {counts['test']} test examples (held-out profiles) from "
+            f"{counts['attempts']} attempts; acceptance {m['acceptance_rate']:.0%}; rejected for: {reasons}."
+        ),
+        "",
+    ]
+    if m.get("prompt_tokens"):
+        p, r = m["prompt_tokens"], m["response_tokens"]
+        lines += [
+            (
+                f"Student-tokenizer lengths: prompt mean {p['mean']:.0f} (p95 {p['p95']}), response mean {r['mean']:.0f} "
+                f"(p95 {r['p95']}); teacher output {m['output_tokens_per_s']:,.0f} tokens/s."
+            ),
+            "",
+        ]
+    return lines
+
+
+def _train(cfg: PipelineConfig, m: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{cfg.train.method} fine-tuning with `{m['backend']}`, {m['optimizer'].rsplit('.', 1)[-1]} ({m['optimizer']}), "
+        f"{m['precision']}: {m['trainable_params']:,} trainable of {m['all_params']:,} parameters "
+        f"({m['trainable_params'] / m['all_params']:.1%}), {m['steps']} steps over {m['examples']} examples in "
+        f"{m['wall_s'] / 60:.1f} min ({m['tokens_per_s']:,.0f} tokens/s); final loss {m['final_loss']:.3f}"
+        + (f"; {m['truncated']} examples truncated" if m.get("truncated") else "")
+        + ".",
+        "",
+    ]
+    if (stage_dir(cfg, "train") / "loss.png").is_file():
+        lines += ["![training loss](train/loss.png)", ""]
+    return lines
+
+
+def _sizes(
+    cfg: PipelineConfig, merge: dict[str, Any] | None, prune: dict[str, Any] | None, export: dict[str, Any] | None
+) -> list[str]:
+    lines = ["| artifact | parameters | bytes | vs teacher (bf16) |", "|---|---|---|---|"]
+    teacher = export["teacher_bf16_bytes"] if export else None
+    if export:
+        lines.append(f"| teacher (bf16) | {export['teacher_params']:,} | {teacher / MIB:,.1f} MiB | 1x |")
+
+    def ratio(size: int) -> str:
+        if not teacher:
+            return "–"
+        return f"{teacher / size:,.1f}x smaller" if size <= teacher else f"{size / teacher:,.1f}x larger"
+
+    if merge:
+        lines.append(
+            f"| merged student ({merge['dtype']}) | {merge['params']:,} | {merge['safetensors_bytes'] / MIB:,.2f} MiB | {ratio(merge['safetensors_bytes'])} |"
+        )
+    if prune:
+        lines.append(
+            f"| pruned student ({prune['overall_sparsity']:.0%} of Linear weights zero) | {prune['params']:,} "
+            f"| {prune['safetensors_bytes'] / MIB:,.2f} MiB | {ratio(prune['safetensors_bytes'])} |"
+        )
+    if export:
+        lines.append(
+            f"| GGUF {export['format']} | – | {export['file_bytes'] / MIB:,.2f} MiB | {ratio(export['file_bytes'])} |"
+        )
+        if export.get("int8_bytes"):
+            lines.append(
+                f"| torch dynamic int8 | – | {export['int8_bytes'] / MIB:,.2f} MiB | {ratio(export['int8_bytes'])} |"
+            )
+    lines.append("")
+    if not export:
+        lines += _missing(cfg, "export")
+    if merge:
+        folded = (
+            f"adapter folded with max |Δlogit| {merge['fold_max_abs_logit_diff']:.2g}"
+            if merge["method"] == "lora"
+            else "fully fine-tuned weights, no adapter to fold"
+        )
+        lines += [
+            f"Merge: {folded}; saving as {merge['dtype']} adds max |Δlogit| {merge['saved_dtype_max_abs_logit_diff']:.2g}.",
+            "",
+        ]
+    if export:
+        v = export["verification"]
+        lines += [
+            (
+                f"Export verified in llama.cpp on {v['prompts']} validation prompts: tokenization identical for "
+                f"{v['tokenization_match']:.0%}, next-token top-1 agreement {v['top1_agreement']:.0%}, max |Δlogit| "
+                f"{v['max_abs_logit_diff']:.3g}."
+            ),
+            "",
+        ]
+    return lines
+
+
+def _serve(m: dict[str, Any], report_md: Path) -> list[str]:
+    lines = [
+        (
+            f"Plan: {m['instances_planned']} instances fit the GPU budget; {m['instances_started']} started here. "
+            f"Measured {m['programs_per_s']} programs/s, latency p50 {m['latency_p50_s']} s / p95 {m['latency_p95_s']} s, "
+            f"{m['valid_share']:.0%} of served programs valid; budget held: {'yes' if m['budget_held'] else 'no'}; "
+            f"faster setup: {m['winner'].replace('_', ' ')}."
+        ),
+        "",
+    ]
+    if report_md.is_file():
+        body = report_md.read_text(encoding="utf-8").split("\n", 2)[-1]  # drop its own title
+        lines += [body.strip(), ""]
+    return lines
+
+
+def _eval(cfg: PipelineConfig) -> list[str]:
+    from distill.stages.eval import comparison_table, evaluated
+
+    results = evaluated(cfg)
+    if not results:
+        return _missing(cfg, "eval")
+    lines = [
+        (
+            f"{next(iter(results.values()))['programs']} held-out test profiles (never trained on), greedy decoding, "
+            f"up to {cfg.eval.max_new_tokens} new tokens; perplexity is on the teacher's responses to the same prompts."
+        ),
+        "",
+        comparison_table(results),
+    ]
+    if "teacher" in results and results["teacher"].get("teacher_acceptance_rate") is not None:
+        lines += [
+            (
+                f"The teacher row scores the accepted test answers, so it is valid by construction; the teacher's own "
+                f"first-try validity was its acceptance rate, {results['teacher']['teacher_acceptance_rate']:.0%}."
+            ),
+            "",
+        ]
+    if (stage_dir(cfg, "eval") / "comparison.png").is_file():
+        lines += ["![held-out comparison](eval/comparison.png)", ""]
+    return lines
+
+
+def render_report(cfg: PipelineConfig) -> str:
+    gen, train, merge = _metrics(cfg, "generate"), _metrics(cfg, "train"), _metrics(cfg, "merge")
+    prune = _metrics(cfg, "prune") if cfg.prune.enabled else None
+    export, serve = _metrics(cfg, "export"), _metrics(cfg, "serve")
+    walls = {
+        s: _wall(cfg, s)
+        for s in ("generate", "train", "merge", "prune", "export", "serve")
+        if _metrics(cfg, s) is not None
+    }
+    lines = [
+        f"# {cfg.run_name}: distillation report",
+        "",
+        f"Teacher `{cfg.models.teacher}` -> student `{cfg.models.student}`; config `{cfg.command_args}`.",
+        "Stage wall times: " + (", ".join(f"{s} {w / 60:.1f} min" for s, w in walls.items()) or "none yet") + ".",
+        "",
+        "## Data",
+        "",
+        *(_generate(cfg, gen) if gen else _missing(cfg, "generate")),
+        "## Training",
+        "",
+        *(_train(cfg, train) if train else _missing(cfg, "train")),
+        "## Sizes and export",
+        "",
+        *(_sizes(cfg, merge, prune, export) if merge or export else _missing(cfg, "export")),
+        "## Serving",
+        "",
+        *(_serve(serve, stage_dir(cfg, "serve") / "report.md") if serve else _missing(cfg, "serve")),
+        "## Held-out quality",
+        "",
+        *_eval(cfg),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(cfg: PipelineConfig) -> Path:
+    target = cfg.run_path / "REPORT.md"
+    atomic_write_text(target, render_report(cfg))
+    return target

@@ -1,0 +1,443 @@
+"""Held-out quality of any model of the run, on test profiles never seen in training.
+
+For each model: validity and the rate of every violated check, agreement with the teacher on the same
+prompts (split structure, exercise overlap), perplexity on the teacher's held-out responses, latency
+per program. Each model gets `<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}` compares every
+model evaluated so far. Generations are appended one fsync'd line at a time, so an interrupted
+evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import (
+    StageRecord,
+    atomic_write_text,
+    prepare_output,
+    read_manifest,
+    require_input,
+    stage_dir,
+    stage_status,
+)
+from distill.config import EVAL_MODELS, PipelineConfig
+from distill.errors import DistillError
+
+log = logging.getLogger(__name__)
+
+RECORDS = "generations.jsonl"
+# What each model is and how to make it when it is missing.
+DESCRIPTIONS = {
+    "teacher": "teacher (held-out responses)",
+    "base": "student before training",
+    "adapter": "student + LoRA adapter",
+    "merged": "merged student",
+    "pruned": "pruned student",
+    "gguf": "GGUF in llama.cpp",
+    "int8": "torch dynamic int8",
+}
+
+
+def eval_stage(model: str) -> str:
+    return f"eval/{model}"
+
+
+def test_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
+    if "test" not in dataset or len(dataset["test"]) == 0:
+        raise DistillError(
+            f"{stage_dir(cfg, 'generate')}: no held-out test examples; set generate.test_examples > 0 and run "
+            f"`distill generate {cfg.command_args} --overwrite`"
+        )
+    split = dataset["test"]
+    return [split[i] for i in range(min(cfg.eval.num_prompts, len(split)))]
+
+
+def score(text: str, row: dict[str, Any], catalog: Any) -> dict[str, Any]:
+    """The task's checks on one program, and how it agrees with the teacher's answer to the same prompt."""
+    from distill.task import LoggedWorkout, Profile, check_program, parse_program, quality_score
+    from distill.task.program import ProgramParseError
+
+    history = [LoggedWorkout.from_dict(w) for w in json.loads(row["history"])]
+    violations = check_program(text, Profile.from_dict(json.loads(row["profile"])), catalog, history)
+    agreement = {"split_match": False, "exercise_overlap": 0.0}
+    try:
+        ours, theirs = parse_program(text), parse_program(row["response"])
+    except ProgramParseError:
+        pass
+    else:
+        agreement["split_match"] = [w.focus for w in ours.workouts] == [w.focus for w in theirs.workouts]
+        mine = {p.exercise_id for w in ours.workouts for p in w.exercises}
+        reference = {p.exercise_id for w in theirs.workouts for p in w.exercises}
+        agreement["exercise_overlap"] = len(mine & reference) / len(mine | reference) if mine | reference else 1.0
+    return {
+        "valid": not violations,
+        "violations": sorted({v.check for v in violations}),
+        "quality": quality_score(violations),
+        **agreement,
+    }
+
+
+class HFModel:
+    """A transformers model (base, adapter, merged, pruned or int8) with its tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Any, cfg: PipelineConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        eos = model.generation_config.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+
+    def generate(self, ids: list[int]) -> tuple[str, int]:
+        import torch
+
+        e = self.cfg.eval
+        sampling = {"do_sample": True, "temperature": e.temperature} if e.temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = self.model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=e.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
+                top_p=None, top_k=None, **sampling,
+            )  # fmt: skip
+        new = out[0, len(ids) :].tolist()
+        return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    def nll(self, ids: list[int], answer: list[int]) -> float:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids + answer])).logits[0].float()
+        logp = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1)
+        return float(-logp.gather(1, torch.tensor(answer)[:, None]).sum())
+
+
+class GGUFModel:
+    """The exported GGUF in llama.cpp, fed the same token ids as the HF models."""
+
+    def __init__(self, path: Path, context: int, cfg: PipelineConfig):
+        from distill.stages.export import llama_cpp
+
+        self.cfg = cfg
+        # logits_all keeps every position's logits for the perplexity: vocab x context floats of host memory.
+        self.llm = llama_cpp("eval").Llama(
+            model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
+        )
+
+    def generate(self, ids: list[int]) -> tuple[str, int]:
+        self.llm.reset()
+        out = self.llm.create_completion(
+            prompt=ids, max_tokens=self.cfg.eval.max_new_tokens, temperature=self.cfg.eval.temperature, top_p=1.0,
+            top_k=0 if self.cfg.eval.temperature > 0 else 1, seed=self.cfg.seed,
+        )  # fmt: skip
+        return out["choices"][0]["text"], out["usage"]["completion_tokens"]
+
+    def nll(self, ids: list[int], answer: list[int]) -> float:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids + answer)
+        scores = np.asarray(self.llm.scores[len(ids) - 1 : len(ids) + len(answer) - 1], dtype=np.float64)
+        top = scores.max(axis=1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(scores - top).sum(axis=1))
+        return float((logz - scores[np.arange(len(answer)), answer]).sum())
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def tokenizer_dir(cfg: PipelineConfig, model: str) -> Path:
+    """Where a model's tokenizer is saved; every student variant shares the student's vocabulary."""
+    if model == "base":
+        return Path(cfg.models.student)
+    if model == "adapter":
+        return stage_dir(cfg, "train") / "adapter"
+    return stage_dir(cfg, "prune" if model == "pruned" else "merge") / "model"
+
+
+def load_model(cfg: PipelineConfig, model: str, tokenizer: Any, context: int) -> tuple[Any, Any]:
+    """(runner, close or None) for one of EVAL_MODELS; the upstream stage must be complete."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    require_input(cfg, EVAL_MODELS[model])
+    if model == "gguf":
+        from distill.stages.serve import find_gguf
+
+        gguf = GGUFModel(find_gguf(cfg), context, cfg)
+        return gguf, gguf.close
+    if model == "int8":
+        name = (read_manifest(stage_dir(cfg, "export")) or {}).get("files", {}).get("int8")
+        if name is None:
+            raise DistillError(
+                f"{stage_dir(cfg, 'export')}: no int8 model; run `distill export {cfg.command_args} --overwrite`"
+            )
+        from distill.stages.export import load_int8
+
+        return HFModel(load_int8(stage_dir(cfg, "export") / name), tokenizer, cfg), None
+    if model == "adapter":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.models.student, dtype=torch.float32)
+        return HFModel(
+            PeftModel.from_pretrained(base, stage_dir(cfg, "train") / "adapter").eval(), tokenizer, cfg
+        ), None
+    folder = tokenizer_dir(cfg, model)  # base, merged, pruned: weights and tokenizer side by side
+    return HFModel(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokenizer, cfg), None
+
+
+def model_size(cfg: PipelineConfig, model: str) -> int | None:
+    """Bytes on disk of what the model is loaded from."""
+
+    def folder_bytes(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    if model == "base":
+        return folder_bytes(Path(cfg.models.student))
+    if model == "adapter":
+        return folder_bytes(stage_dir(cfg, "train") / "adapter")
+    if model in ("merged", "pruned"):
+        return folder_bytes(stage_dir(cfg, "prune" if model == "pruned" else "merge") / "model")
+    if model in ("gguf", "int8"):
+        name = (read_manifest(stage_dir(cfg, "export")) or {}).get("files", {}).get(model)
+        path = stage_dir(cfg, "export") / name if name else None
+        return None if path is None else folder_bytes(path) if path.is_dir() else path.stat().st_size
+    return None
+
+
+def _answer_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, response: str) -> list[int]:
+    from distill.sft_data import encode_example
+
+    enc = encode_example(tokenizer, prompt, response, max_length=1 << 30, example_id="eval")
+    return enc.input_ids[len(prompt_ids) :]
+
+
+def _read_done(path: Path) -> dict[str, dict[str, Any]]:
+    from distill.stages.generate import read_records
+
+    return {record["id"]: record for _, record in read_records(path)}
+
+
+def evaluate(cfg: PipelineConfig, model: str, rows: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """Generate and score every test prompt not yet in the records file; returns all records."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill.task import load_catalog
+
+    catalog = load_catalog(cfg.task.catalog)
+    path = folder / RECORDS
+    done = _read_done(path)
+    todo = [r for r in rows if r["id"] not in done]
+    if model == "teacher":  # the teacher's answers are the test split itself
+        records = [
+            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, catalog)} for r in todo
+        ]
+        _append(path, records)
+        return [{**done, **{r["id"]: r for r in records}}[r["id"]] for r in rows]
+    if not todo:
+        return [done[r["id"]] for r in rows]
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg, model))
+    encoded = []
+    for r in todo:
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True
+        )["input_ids"]
+        encoded.append((r, prompt_ids, _answer_ids(tokenizer, prompt_ids, r["prompt"], r["response"])))
+    context = max(len(p) + max(len(a), cfg.eval.max_new_tokens) for _, p, a in encoded) + 8
+    runner, close = load_model(cfg, model, tokenizer, context)
+    columns = (TextColumn(f"eval {model}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns) as progress:
+            task = progress.add_task("eval", total=len(rows), completed=len(rows) - len(todo))
+            for row, prompt_ids, answer in encoded:
+                start = time.perf_counter()
+                text, tokens = runner.generate(prompt_ids)
+                latency = time.perf_counter() - start
+                record = {
+                    "id": row["id"], "split": "test", "text": text, "tokens": tokens, "latency_s": round(latency, 4),
+                    "nll": runner.nll(prompt_ids, answer), "answer_tokens": len(answer), **score(text, row, catalog),
+                }  # fmt: skip
+                _append(path, [record])
+                done[row["id"]] = record
+                progress.advance(task)
+    finally:
+        if close is not None:
+            close()
+    return [done[r["id"]] for r in rows]
+
+
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as out:
+        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rates over the evaluated programs; perplexity over all teacher-response tokens together."""
+    from distill.task import CHECKS
+
+    n = len(records)
+    out: dict[str, Any] = {
+        "programs": n,
+        "validity": sum(r["valid"] for r in records) / n,
+        "mean_quality": sum(r["quality"] for r in records) / n,
+        "violation_rates": {c: sum(c in r["violations"] for r in records) / n for c in CHECKS},
+        "teacher_split_match": sum(r["split_match"] for r in records) / n,
+        "teacher_exercise_overlap": sum(r["exercise_overlap"] for r in records) / n,
+    }
+    if records and "nll" in records[0]:
+        tokens = sum(r["answer_tokens"] for r in records)
+        latencies = [r["latency_s"] for r in records]
+        out.update(
+            perplexity=math.exp(sum(r["nll"] for r in records) / tokens),
+            latency_s_mean=statistics.fmean(latencies),
+            latency_s_p50=statistics.median(latencies),
+            tokens_per_s=sum(r["tokens"] for r in records) / sum(latencies),
+        )
+    return out
+
+
+def check_eval_models(cfg: PipelineConfig, models: list[str] | None = None) -> None:
+    """Refuse, before any work, a model this config never produces."""
+    for model in cfg.eval.models if models is None else models:
+        if model not in EVAL_MODELS:
+            raise DistillError(f"eval --model {model}: unknown model; use one of {', '.join(EVAL_MODELS)}")
+        if model == "adapter" and cfg.train.method != "lora":
+            raise DistillError(
+                f"eval model 'adapter': train.method is {cfg.train.method}, so there is no adapter; use 'merged'"
+            )
+        if model == "pruned" and not cfg.prune.enabled:
+            raise DistillError(
+                "eval model 'pruned': pruning is off; set prune.enabled=true or drop 'pruned' from eval.models"
+            )
+        if model == "int8" and not cfg.export.torch_int8:
+            raise DistillError(
+                "eval model 'int8': no int8 export; set export.torch_int8=true or drop 'int8' from eval.models"
+            )
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> Path:
+    check_eval_models(cfg, [model])
+    stage = eval_stage(model)
+    folder = stage_dir(cfg, stage)
+    require_input(cfg, "generate")
+    require_input(cfg, EVAL_MODELS[model])
+    if prepare_output(cfg, stage, overwrite) == "skip":
+        log.info("eval %s: complete, skipping (%s)", model, folder)
+        write_comparison(cfg)
+        return folder
+    log.info("eval config: %s", cfg.eval.model_dump())
+    record = StageRecord(cfg, stage, inputs=tuple(dict.fromkeys(("generate", EVAL_MODELS[model]))))
+    rows = test_rows(cfg)
+    summary = summarize(evaluate(cfg, model, rows, folder))
+    summary["size_bytes"] = model_size(cfg, model)
+    if model == "teacher":
+        generated = read_manifest(stage_dir(cfg, "generate"))["metrics"]
+        # The test split holds only accepted answers; the teacher's own validity is its acceptance rate.
+        summary["teacher_acceptance_rate"] = generated.get("acceptance_rate")
+    record.metrics = summary
+    record.files = {"generations": RECORDS}
+    atomic_write_text(folder / "summary.md", render_summary(model, summary))
+    log.info(
+        "eval %s: %d programs, %.0f%% valid, quality %.2f%s", model, summary["programs"], 100 * summary["validity"],
+        summary["mean_quality"], f", perplexity {summary['perplexity']:.2f}" if "perplexity" in summary else "",
+    )  # fmt: skip
+    out = record.finish()
+    write_comparison(cfg)
+    return out
+
+
+def evaluated(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Summaries of every model whose evaluation is complete for this config, in EVAL_MODELS order."""
+    return {
+        m: read_manifest(stage_dir(cfg, eval_stage(m)))["metrics"]
+        for m in EVAL_MODELS
+        if stage_status(cfg, eval_stage(m)) == "complete"
+    }
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "pct":
+        return f"{value:.0%}"
+    if kind == "bytes":
+        return f"{value / 2**20:,.2f} MiB"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+COLUMNS = (
+    ("validity", "valid", "pct"), ("mean_quality", "quality", "num"), ("teacher_split_match", "split = teacher", "pct"),
+    ("teacher_exercise_overlap", "exercise overlap", "pct"), ("perplexity", "perplexity", "num"),
+    ("latency_s_mean", "s / program", "num"), ("tokens_per_s", "tokens/s", "num"), ("size_bytes", "size", "bytes"),
+)  # fmt: skip
+
+
+def comparison_table(results: dict[str, dict[str, Any]]) -> str:
+    from distill.task import CHECKS
+
+    lines = [
+        "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for m, s in results.items():
+        lines.append(f"| {DESCRIPTIONS[m]} | " + " | ".join(_fmt(s.get(k), kind) for k, _, kind in COLUMNS) + " |")
+    seen = [c for c in CHECKS if any(s["violation_rates"].get(c) for s in results.values())]
+    if seen:
+        lines += [
+            "",
+            "Share of programs with each violation:",
+            "",
+            "| model | " + " | ".join(seen) + " |",
+            "|---|" + "---|" * len(seen),
+        ]
+        for m, s in results.items():
+            lines.append(f"| {DESCRIPTIONS[m]} | " + " | ".join(f"{s['violation_rates'][c]:.0%}" for c in seen) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(model: str, summary: dict[str, Any]) -> str:
+    return f"# Held-out evaluation: {DESCRIPTIONS[model]}\n\n" + comparison_table({model: summary})
+
+
+def plot_comparison(results: dict[str, dict[str, Any]], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = (("validity", "valid"), ("mean_quality", "quality"), ("teacher_split_match", "split = teacher"),
+               ("teacher_exercise_overlap", "exercise overlap"))  # fmt: skip
+    x = np.arange(len(metrics))
+    width = 0.8 / max(1, len(results))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, (m, s) in enumerate(results.items()):
+        ax.bar(x + i * width, [s[k] for k, _ in metrics], width, label=DESCRIPTIONS[m])
+    ax.set_xticks(x + width * (len(results) - 1) / 2, [title for _, title in metrics])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("held-out test profiles")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+def write_comparison(cfg: PipelineConfig) -> None:
+    results = evaluated(cfg)
+    if not results:
+        return
+    folder = stage_dir(cfg, "eval")
+    atomic_write_text(folder / "comparison.md", "# Held-out evaluation\n\n" + comparison_table(results))
+    plot_comparison(results, folder / "comparison.png")

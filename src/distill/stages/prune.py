@@ -1,0 +1,96 @@
+"""Stage 3b (compact variant): L1-unstructured pruning of the trained student, made permanent.
+
+Applied after training, where the reference found it cost the least quality. Every Linear/Conv1D
+weight loses its `prune.amount` smallest-magnitude entries; embeddings (tied to the output head) and
+norms are left alone. Zeros do not shrink a dense file: the gain shows after int8 or
+in a sparse format, and the stage reports it honestly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import StageRecord, prepare_output, require_input, stage_dir
+from distill.config import PipelineConfig
+from distill.errors import DistillError
+
+log = logging.getLogger(__name__)
+
+
+def prunable(model: Any) -> list[tuple[str, Any]]:
+    """(name, module) of every Linear/Conv1D whose weight is not shared with the embeddings."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    embedding = model.get_input_embeddings().weight
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module.weight is not embedding
+    ]
+
+
+def prune_model(model: Any, amount: float) -> dict[str, float]:
+    """Prune in place and make it permanent; returns the sparsity of each pruned weight."""
+    from torch.nn.utils import prune
+
+    sparsity = {}
+    for name, module in prunable(model):
+        prune.l1_unstructured(module, "weight", amount=amount)
+        prune.remove(module, "weight")
+        sparsity[name] = float((module.weight == 0).float().mean())
+    return sparsity
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cfg.prune.enabled:
+        raise DistillError("prune: pruning is off for this config; set prune.enabled=true (the compact CPU variant)")
+    folder = stage_dir(cfg, "prune")
+    require_input(cfg, "merge")
+    if prepare_output(cfg, "prune", overwrite) == "skip":
+        log.info("prune: complete, skipping (%s)", folder)
+        return folder
+    record = StageRecord(cfg, "prune", inputs=("merge",))
+    source = stage_dir(cfg, "merge") / "model"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    sparsity = prune_model(model, cfg.prune.amount)
+    if not sparsity:
+        raise DistillError(f"prune: {source} has no Linear/Conv1D weights to prune")
+    counts = {name: module.weight.numel() for name, module in prunable(model)}
+    zeros = sum(sparsity[n] * counts[n] for n in sparsity)
+
+    target = folder / "model"
+    tmp = target.with_name("model.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    for extra in ("tokenizer.model",):  # the GGUF exporter reads SentencePiece pieces from here
+        if (source / extra).is_file():
+            shutil.copy2(source / extra, tmp / extra)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+    all_params = sum(p.numel() for p in model.parameters())
+    record.metrics = {
+        "amount": cfg.prune.amount,
+        "pruned_layers": len(sparsity),
+        "pruned_weights": sum(counts.values()),
+        "zeroed_weights": round(zeros),
+        "layer_sparsity": sparsity,
+        "overall_sparsity": zeros / sum(counts.values()),
+        "model_sparsity": zeros / all_params,
+        "params": all_params,
+        "safetensors_bytes": sum(f.stat().st_size for f in target.glob("*.safetensors")),
+    }
+    record.files = {"model": "model"}
+    log.info(
+        "prune: %d layers, %.1f%% of their weights zeroed (%.1f%% of all parameters)",
+        len(sparsity), 100 * record.metrics["overall_sparsity"], 100 * record.metrics["model_sparsity"],
+    )  # fmt: skip
+    return record.finish()

@@ -1,0 +1,132 @@
+"""`distill eval`: metrics on known programs, and real evaluations of every student variant."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import make_trained_run, run_cli
+from distill.config import load_config
+from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
+
+EVAL = "eval: {num_prompts: 3, max_new_tokens: 24}\n"
+
+
+def _row(index: int) -> tuple[dict, object]:
+    catalog = load_catalog()
+    inst = make_instance(0, index, catalog)
+    profile = Profile.from_dict(inst["profile"])
+    program = plan_program(profile, [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
+    row = {
+        "prompt": inst["prompt"],
+        "profile": json.dumps(inst["profile"]),
+        "history": json.dumps(inst["history"]),
+        "response": render_program(program),
+    }
+    return row, program
+
+
+def test_scores_of_known_programs() -> None:
+    from distill.stages.eval import score, summarize
+
+    catalog = load_catalog()
+    row, program = _row(3)
+    teacher = score(row["response"], row, catalog)
+    assert teacher == {"valid": True, "violations": [], "quality": 1.0, "split_match": True, "exercise_overlap": 1.0}
+
+    # Swap the first exercise for one the profile cannot do and drop the last workout.
+    profile = Profile.from_dict(json.loads(row["profile"]))
+    forbidden = next(ex for ex in catalog if profile.contraindications & ex.contraindications or ex.equipment - profile.equipment)
+    first = program.workouts[0]
+    broken = replace(
+        program,
+        workouts=(replace(first, exercises=(replace(first.exercises[0], exercise_id=forbidden.id), *first.exercises[1:])),
+                  *program.workouts[1:2]),
+    )  # fmt: skip
+    result = score(render_program(broken), row, catalog)
+    assert not result["valid"] and "wrong_workout_count" in result["violations"]
+    assert {"contraindicated_exercise", "unavailable_equipment"} & set(result["violations"])
+    assert result["split_match"] is False and 0 < result["exercise_overlap"] < 1
+    assert 0 < result["quality"] < 1
+
+    garbage = score("Workout one", row, catalog)
+    assert garbage["violations"] == ["unparseable"] and garbage["quality"] == 0.0
+
+    summary = summarize([teacher, result, garbage, teacher])
+    assert summary["validity"] == 0.5
+    assert summary["violation_rates"]["unparseable"] == 0.25
+    assert summary["violation_rates"]["wrong_workout_count"] == 0.25
+    assert summary["teacher_split_match"] == 0.5
+    assert "perplexity" not in summary  # the teacher's own answers are not generated
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    from distill.stages.export import run as export
+    from distill.stages.merge import run as merge
+
+    path = make_trained_run(tmp_path_factory.mktemp("eval"), EVAL)
+    cfg = load_config(path)
+    merge(cfg)
+    export(cfg)
+    return path
+
+
+def test_every_variant_evaluated_and_compared(exported) -> None:
+    from distill.artifacts import read_manifest
+    from distill.stages.eval import run as evaluate
+
+    cfg = load_config(exported)
+    results = {}
+    for model in ("teacher", "base", "adapter", "merged", "gguf"):
+        folder = evaluate(cfg, model=model)
+        results[model] = read_manifest(folder)["metrics"]
+        records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+        assert len(records) == 3 == results[model]["programs"]
+    assert results["teacher"]["validity"] == 1.0 and results["teacher"]["teacher_acceptance_rate"] == 1.0
+    # The adapter folds into the merged model exactly, and Q8_0 barely moves the perplexity.
+    assert results["adapter"]["perplexity"] == pytest.approx(results["merged"]["perplexity"], rel=1e-4)
+    assert results["gguf"]["perplexity"] == pytest.approx(results["merged"]["perplexity"], rel=0.02)
+    assert results["base"]["perplexity"] != pytest.approx(results["merged"]["perplexity"], rel=1e-3)
+    for model in ("base", "merged", "gguf"):
+        m = results[model]
+        assert math.isfinite(m["perplexity"]) and m["perplexity"] > 1
+        assert m["latency_s_mean"] > 0 and m["tokens_per_s"] > 0 and m["size_bytes"] > 0
+    assert results["gguf"]["size_bytes"] < results["merged"]["size_bytes"]
+
+    comparison = (cfg.run_path / "eval" / "comparison.md").read_text()
+    for title in ("teacher (held-out responses)", "student before training", "merged student", "GGUF in llama.cpp"):
+        assert f"| {title} |" in comparison
+    assert (cfg.run_path / "eval" / "comparison.png").stat().st_size > 5000
+
+
+def test_interrupted_eval_resumes_and_keeps_finished_programs(exported) -> None:
+    from distill.artifacts import read_manifest
+    from distill.stages.eval import run as evaluate
+
+    cfg = load_config(exported, ["eval.max_new_tokens=16"])
+    folder = cfg.run_path / "eval" / "merged"
+    evaluate(cfg, model="merged", overwrite=True)
+    lines = (folder / "generations.jsonl").read_text().splitlines()
+    # As if killed while writing the third program: the manifest is gone and the last line is torn.
+    (folder / "manifest.json").unlink()
+    first = json.loads(lines[0])
+    first["text"] = "kept from the first run"
+    (folder / "generations.jsonl").write_text(json.dumps(first) + "\n" + lines[1] + "\n" + lines[2][:20])
+
+    evaluate(cfg, model="merged")
+    records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [json.loads(line)["id"] for line in lines]
+    assert records[0]["text"] == "kept from the first run" and records[2]["text"] == json.loads(lines[2])["text"]
+    assert read_manifest(folder)["metrics"]["programs"] == 3
+
+
+def test_eval_input_errors(exported) -> None:
+    result = run_cli("eval", str(exported), "--model", "student")
+    assert result.returncode == 1 and "unknown model" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("eval", str(exported), "--model", "pruned")
+    assert result.returncode == 1 and "prune.enabled" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("eval", str(exported), "train.lr=0.5", "--model", "merged")
+    assert result.returncode == 1 and "different config" in result.stderr and "Traceback" not in result.stderr

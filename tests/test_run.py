@@ -1,0 +1,92 @@
+"""`distill run`: the whole pipeline from tiny local models, skipping, resuming after Ctrl-C, REPORT.md."""
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI, REPO, run_cli
+
+CONFIG = """\
+run_name: r
+run_dir: {root}/runs
+models:
+  teacher: {root}/models/teacher
+  student: {root}/models/student
+  tiny: {{seed: 3, corpus_size: 40, vocab_size: 1024}}
+generate: {{backend: rules, num_examples: 8, validation_examples: 2, test_examples: 3}}
+train: {{lora: {{r: 4, alpha: 8}}, precision: fp32, max_steps: 3, batch_size: 2, grad_accum: 1, lr: 1.0e-3,
+         gradient_checkpointing: false, save_steps: 2, logging_steps: 1}}
+merge: {{dtype: float32, check_prompts: 2}}
+export: {{check_prompts: 2}}
+serve: {{max_instances: 1, requests: 2, max_tokens: 16, context: 4096, ready_timeout_s: 60}}
+eval: {{num_prompts: 3, max_new_tokens: 16, models: [teacher, base, merged, gguf]}}
+"""
+
+
+@pytest.mark.slow
+def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG.format(root=tmp_path))
+    run = tmp_path / "runs" / "r"
+
+    first = run_cli("run", str(config), "--until", "merge")
+    assert first.returncode == 0, first.stderr
+    assert (run / "merge" / "manifest.json").is_file() and not (run / "export").exists()
+    partial = (run / "REPORT.md").read_text()
+    assert "Not run yet: `distill export" in partial and "## Training" in partial
+
+    # Ctrl-C inside the evaluation of the base student, after its first program is written.
+    records = run / "eval" / "base" / "generations.jsonl"
+    proc = subprocess.Popen([*CLI, "run", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while not (records.is_file() and records.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "re-run the same command to resume" in stderr and "Traceback" not in stderr
+    for stage in ("generate", "train", "merge"):
+        assert re.search(rf"{stage}: complete, skipping", stderr), stderr
+    assert (run / "serve" / "manifest.json").is_file() and not (run / "eval" / "base" / "manifest.json").exists()
+    kept = records.read_text().splitlines()[0]
+
+    final = run_cli("run", str(config))
+    assert final.returncode == 0, final.stderr
+    assert "report at" in final.stdout and "eval teacher: complete, skipping" in final.stderr
+    assert records.read_text().splitlines()[0] == kept  # the program generated before Ctrl-C is not redone
+    report = (run / "REPORT.md").read_text()
+    assert "Not run yet" not in report
+    for section in ("## Data", "## Training", "## Sizes and export", "## Serving", "## Held-out quality"):
+        assert section in report
+    assert "8 training, 2 validation and 3 test examples" in report
+    assert "3 steps over 8 examples" in report and "![training loss](train/loss.png)" in report
+    export = json.loads((run / "export" / "manifest.json").read_text())["metrics"]
+    gguf, teacher = export["file_bytes"], export["teacher_bf16_bytes"]
+    # Tiny test models can make the student larger than the teacher; the report must say which way.
+    ratio = f"{teacher / gguf:,.1f}x smaller" if gguf <= teacher else f"{gguf / teacher:,.1f}x larger"
+    assert f"| GGUF q8_0 | – | {gguf / 2**20:,.2f} MiB | {ratio} |" in report
+    assert "tokenization identical for 100%" in report
+    assert re.search(r"Plan: \d+ instances fit the GPU budget; 1 started here", report)
+    for row in ("teacher (held-out responses)", "student before training", "merged student", "GGUF in llama.cpp"):
+        assert f"| {row} |" in report
+    assert (run / "train" / "loss.png").is_file() and (run / "eval" / "comparison.png").is_file()
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in (run / "eval").glob("*/manifest.json")}
+    assert set(manifests) == {"teacher", "base", "merged", "gguf"}
+
+
+def test_run_stage_selection_errors(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG.format(root=tmp_path))
+    result = run_cli("run", str(config), "--from", "evaluate")
+    assert result.returncode == 1 and "--from evaluate: unknown stage" in result.stderr
+    result = run_cli("run", str(config), "--from", "eval", "--until", "train")
+    assert result.returncode == 1 and "swap them" in result.stderr
+    result = run_cli("run", str(config), "eval.models=[teacher, pruned]")
+    assert result.returncode == 1 and "prune.enabled" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -233,9 +233,11 @@ class ExportConfig(Strict):
         False, description="Also write a PyTorch dynamic int8 copy (fbgemm, Linear layers) for CPU inference."
     )
     check_prompts: int = Field(4, ge=1, description="Validation prompts for the agreement check.")
-    min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Required next-token top-1 agreement.")
+    min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Required next-token top-1 agreement (GGUF and torch int8).")
     max_abs_logit_diff: float = Field(
-        1.0, gt=0, description="Allowed max abs next-token logit difference vs the HF model (Q8_0 rounding shows here)."
+        1.0,
+        gt=0,
+        description="Allowed max abs next-token logit difference vs the float model (Q8_0 and int8 rounding show here).",
     )
 
 

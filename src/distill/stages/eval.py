@@ -33,7 +33,7 @@ from distill.errors import DistillError
 log = logging.getLogger(__name__)
 
 RECORDS = "generations.jsonl"
-# What each model is and how to make it when it is missing.
+# How each evaluated model is named in tables and plots.
 DESCRIPTIONS = {
     "teacher": "teacher (held-out responses)",
     "base": "student before training",

@@ -179,6 +179,17 @@ def verify_int8(model_dir: Path, int8_dir: Path, prompts: list[list[int]]) -> di
             "quantized_linears": quantized}  # fmt: skip
 
 
+def agreement_problems(cfg: PipelineConfig, checks: dict[str, Any]) -> list[str]:
+    """Where an exported model's next-token logits stray from the float model beyond the config's thresholds."""
+    e, problems = cfg.export, []
+    top1, diff = checks["top1_agreement"], checks["max_abs_logit_diff"]
+    if top1 < e.min_top1_agreement:
+        problems.append(f"top-1 agreement {top1:.0%} < export.min_top1_agreement {e.min_top1_agreement:.0%}")
+    if diff > e.max_abs_logit_diff:
+        problems.append(f"max abs logit diff {diff:.3g} > export.max_abs_logit_diff {e.max_abs_logit_diff}")
+    return problems
+
+
 def source_stage(cfg: PipelineConfig) -> str:
     """The compact variant exports the pruned model, the LoRA pipeline the merged one."""
     return "prune" if cfg.prune.enabled else "merge"
@@ -210,13 +221,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    problems = []
+    problems = agreement_problems(cfg, checks)
     if checks["tokenization_match"] < 1.0:
-        problems.append(f"llama.cpp tokenizes {1 - checks['tokenization_match']:.0%} of prompts differently from HF")
-    if checks["top1_agreement"] < cfg.export.min_top1_agreement:
-        problems.append(f"top-1 agreement {checks['top1_agreement']:.0%} < export.min_top1_agreement {cfg.export.min_top1_agreement:.0%}")
-    if checks["max_abs_logit_diff"] > cfg.export.max_abs_logit_diff:
-        problems.append(f"max abs logit diff {checks['max_abs_logit_diff']:.3g} > export.max_abs_logit_diff {cfg.export.max_abs_logit_diff}")
+        problems.insert(0, f"llama.cpp tokenizes {1 - checks['tokenization_match']:.0%} of prompts differently from HF")
     if problems:
         tmp.unlink(missing_ok=True)
         raise DistillError(f"export: {target.name} failed verification: " + "; ".join(problems))
@@ -231,9 +238,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         staging.rename(int8_dir)
         record.files["int8"] = INT8_DIR
         record.metrics["int8_bytes"] = (int8_dir / INT8_FILE).stat().st_size
-        record.metrics["int8_verification"] = verify_int8(
-            model_dir, int8_dir, check_prompts(cfg, tokenizer, cfg.export.check_prompts)
-        )
+        int8_checks = verify_int8(model_dir, int8_dir, check_prompts(cfg, tokenizer, cfg.export.check_prompts))
+        if problems := agreement_problems(cfg, int8_checks):
+            shutil.rmtree(int8_dir)
+            raise DistillError("export: the torch int8 model failed verification: " + "; ".join(problems))
+        record.metrics["int8_verification"] = int8_checks
 
     safetensors = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     teacher_params = sum(p.numel() for p in meta_model(cfg, "teacher").parameters())

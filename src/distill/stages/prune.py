@@ -70,9 +70,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    for extra in ("tokenizer.model",):  # the GGUF exporter reads SentencePiece pieces from here
-        if (source / extra).is_file():
-            shutil.copy2(source / extra, tmp / extra)
+    if (source / "tokenizer.model").is_file():  # the GGUF exporter reads SentencePiece pieces from here
+        shutil.copy2(source / "tokenizer.model", tmp / "tokenizer.model")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 

@@ -60,3 +60,16 @@ def make_trained_run(root: Path, extra: str = "") -> Path:
     AutoTokenizer.from_pretrained(cfg.models.student).save_pretrained(stage_dir(cfg, "train") / "adapter")
     StageRecord(cfg, "train", inputs=("generate",)).finish()
     return path
+
+
+def make_exported_run(root: Path, extra: str = "") -> Path:
+    """`make_trained_run`, then the real merge and export stages: a GGUF for serving and evaluation."""
+    from distill.config import load_config
+    from distill.stages.export import run as export
+    from distill.stages.merge import run as merge
+
+    path = make_trained_run(root, extra)
+    cfg = load_config(path)
+    merge(cfg)
+    export(cfg)
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_trained_run, run_cli
+from conftest import make_exported_run, run_cli
 from distill.config import load_config
 from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
 
@@ -64,14 +64,7 @@ def test_scores_of_known_programs() -> None:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from distill.stages.export import run as export
-    from distill.stages.merge import run as merge
-
-    path = make_trained_run(tmp_path_factory.mktemp("eval"), EVAL)
-    cfg = load_config(path)
-    merge(cfg)
-    export(cfg)
-    return path
+    return make_exported_run(tmp_path_factory.mktemp("eval"), EVAL)
 
 
 def test_every_variant_evaluated_and_compared(exported) -> None:

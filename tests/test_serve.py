@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, make_trained_run, run_cli
+from conftest import REPO, make_exported_run, run_cli
 from distill.config import load_config
 
 SERVE = "serve: {max_instances: 2, requests: 4, max_tokens: 24, context: 2048, ready_timeout_s: 60}\n"
@@ -19,14 +19,7 @@ SERVE = "serve: {max_instances: 2, requests: 4, max_tokens: 24, context: 2048, r
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from distill.stages.export import run as export
-    from distill.stages.merge import run as merge
-
-    path = make_trained_run(tmp_path_factory.mktemp("serve"), SERVE)
-    cfg = load_config(path)
-    merge(cfg)
-    export(cfg)
-    return path
+    return make_exported_run(tmp_path_factory.mktemp("serve"), SERVE)
 
 
 def servers_of(gguf_dir: Path) -> list[psutil.Process]:

@@ -35,7 +35,8 @@ def enabled(cfg: PipelineConfig, stage: str) -> bool:
 def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> Path:
     """Each selected stage in order; a complete one is skipped, a partial one resumes. Returns REPORT.md."""
     from distill.report import write_report
-    from distill.stages.eval import check_eval_models
+    from distill.stages.eval import check_eval_models, eval_stage
+    from distill.stages.eval import run as evaluate
 
     stages = select_stages(start, until)
     check_eval_models(cfg)
@@ -44,9 +45,6 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         if not enabled(cfg, stage):
             continue
         if stage == "eval":
-            from distill.stages.eval import eval_stage
-            from distill.stages.eval import run as evaluate
-
             for model in cfg.eval.models:
                 log.info("── eval %s (%s)", model, stage_status(cfg, eval_stage(model)))
                 evaluate(cfg, model=model)

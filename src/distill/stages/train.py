@@ -295,7 +295,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
     collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     callbacks = make_callbacks(model, log_path, steps)
-    _forget_earlier_optimizer_overrides()
+    if t.optim == "adamw_8bit":
+        _forget_earlier_optimizer_overrides()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     resume = last_checkpoint(checkpoints)
     if main:

@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from distill.task import (
     render_program, sample_profile,
 )  # fmt: skip
 from distill.task.profile import CELLS
-from distill.task.program import ProgramParseError
+from distill.task.program import ProgramParseError, render_line
+from distill.task.rules import unsafe_reasons
 
 CATALOG = load_catalog()
 
@@ -82,6 +84,44 @@ def test_prompt_contains_profile_and_history_in_both_languages() -> None:
     assert "Профиль:" in ru and "Последние 5 тренировок" in ru and "Тренировка 1:" in ru
     full = make_instance(0, 5, CATALOG, catalog_mode="full")["prompt"]
     assert all(f"- {ex.id} |" in full for ex in CATALOG)
+
+
+def test_history_is_written_like_the_answer_lines() -> None:
+    # The answer line for an exercise done before starts exactly like its logged line: only the load changes.
+    def head(line: str) -> str:
+        return re.split(r" @ |, ", line)[0]
+
+    compared = 0
+    for index in range(20):
+        profile, history, program = instance(index)
+        lines = make_instance(0, index, CATALOG)["prompt"].splitlines()
+        logged = {head(line): line for line in lines if line.startswith("- ") and (", RPE " in line or line.endswith(", missed"))}
+        assert len(logged) == len({e.exercise_id for w in history for e in w.exercises})
+        for workout in program.workouts:
+            for p in workout.exercises:
+                answer = render_line(p)
+                if head(answer) in logged:
+                    compared += 1
+                    last = next(e for w in reversed(history) for e in w.exercises if e.exercise_id == p.exercise_id)
+                    assert logged[head(answer)].endswith(f", RPE {last.rpe}" if last.completed else ", missed")
+    assert compared > 100
+    ru = make_instance(0, 5, CATALOG, lang="ru")["prompt"]
+    assert " кг, RPE " in ru
+
+
+def test_allowed_catalog_lists_exactly_what_the_profile_may_do() -> None:
+    restricted = 0
+    for index in range(40):
+        inst = make_instance(0, index, CATALOG, catalog_mode="allowed")
+        profile = Profile.from_dict(inst["profile"])
+        listed = {line[2:].split(" | ")[0] for line in inst["prompt"].splitlines() if line.startswith("- ") and " | " in line}
+        assert listed == {ex.id for ex in CATALOG if not unsafe_reasons(ex, profile)}
+        restricted += len(listed) < len(CATALOG)
+        available = make_instance(0, index, CATALOG, catalog_mode="available")["prompt"]
+        assert len(inst["prompt"]) < len(available)
+    assert restricted > 30
+    ru = make_instance(0, 5, CATALOG, lang="ru", catalog_mode="allowed")["prompt"]
+    assert "Упражнения, доступные этому члену экипажа (id | группа):" in ru
 
 
 def _find(predicate) -> tuple[Profile, list[LoggedWorkout], Program]:

@@ -97,8 +97,10 @@ class TaskConfig(Strict):
 
     language: Literal["en", "ru"] = Field("en", description="Language of prompts and programs.")
     catalog: Path | None = Field(None, description="Exercise catalog JSON; default data/catalog.json.")
-    catalog_mode: Literal["available", "full"] = Field(
-        "available", description="'full' lists the whole catalog in the prompt, 'available' only usable equipment."
+    catalog_mode: Literal["available", "full", "allowed"] = Field(
+        "available",
+        description="'full' lists the whole catalog in the prompt, 'available' only usable equipment, 'allowed' "
+        "only what the profile may do (equipment, level, contraindications) as id and group: prompts ~40% shorter.",
     )
     history_len: int = Field(5, ge=1, le=10, description="Logged workouts shown in each prompt.")
 

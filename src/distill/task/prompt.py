@@ -7,8 +7,9 @@ from typing import Any
 from distill.task.catalog import Catalog
 from distill.task.history import LoggedWorkout, sample_history
 from distill.task.profile import Profile, sample_profile
+from distill.task.program import WORDS
 from distill.task.rules import (
-    GOAL_SCHEMES, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, split_for,
+    CORE_REPS, GOAL_SCHEMES, HOLD, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, split_for, unsafe_reasons,
 )  # fmt: skip
 
 TEXT = {
@@ -19,9 +20,9 @@ TEXT = {
         "none": "none",
         "bodyweight": "bodyweight only",
         "history": "Last {n} workouts (oldest first):",
-        "done": "done",
         "missed": "missed",
         "catalog": "Exercise catalog (id | group | equipment | min level | avoid with):",
+        "allowed": "Exercises this crew member may do (id | group):",
         "rules": (
             "Rules: split for this level and frequency: {split}; the next {n} workouts are: {next}. "
             "{lo}-{hi} exercises per workout from the workout's muscle groups{cardio}. "
@@ -42,9 +43,9 @@ TEXT = {
         "none": "нет",
         "bodyweight": "только собственный вес",
         "history": "Последние {n} тренировок (от старых к новым):",
-        "done": "выполнено",
         "missed": "не выполнено",
         "catalog": "Каталог упражнений (id | группа | оборудование | мин. уровень | нельзя при):",
+        "allowed": "Упражнения, доступные этому члену экипажа (id | группа):",
         "rules": (
             "Правила: сплит для этого уровня и частоты: {split}; следующие {n} тренировки: {next}. "
             "{lo}-{hi} упражнений на тренировку из мышечных групп тренировки{cardio}. "
@@ -66,19 +67,22 @@ def _span(bounds: tuple[int, int]) -> str:
     return f"{bounds[0]}-{bounds[1]}"
 
 
-def _history_line(number: int, workout: LoggedWorkout, t: dict[str, Any]) -> str:
-    items = []
+def _history_lines(number: int, workout: LoggedWorkout, catalog: Catalog, lang: str) -> list[str]:
+    # Each logged exercise is written like the answer's line for it, so the answer repeats a line's
+    # prefix and changes the load, instead of re-formatting the whole entry.
+    t, w = TEXT[lang], WORDS[lang]
+    lines = [f"{number}. {workout.focus}:"]
     for e in workout.exercises:
-        load = f" {e.load_kg:g}kg" if e.load_kg is not None else ""
-        items.append(f"{e.exercise_id} {e.sets}x{e.reps}{load} RPE{e.rpe} {t['done'] if e.completed else t['missed']}")
-    return f"{number}. {workout.focus}: " + "; ".join(items)
+        unit = catalog[e.exercise_id].unit if e.exercise_id in catalog else "reps"
+        amount = f"{e.sets}x{e.reps}" + {"reps": "", "seconds": f" {w['s']}", "minutes": f" {w['min']}"}[unit]
+        load = f" @ {e.load_kg:g} {w['kg']}" if e.load_kg is not None else ""
+        lines.append(f"- {e.exercise_id}: {amount}{load}, " + (f"RPE {e.rpe}" if e.completed else t["missed"]))
+    return lines
 
 
 def render_prompt(
     profile: Profile, history: list[LoggedWorkout], catalog: Catalog, lang: str = "en", catalog_mode: str = "available"
 ) -> str:
-    from distill.task.rules import CORE_REPS, HOLD
-
     t = TEXT[lang]
     values = (
         ROLE_NAMES[lang][profile.role],
@@ -91,9 +95,15 @@ def render_prompt(
     lines = [t["intro"].format(n=WORKOUTS), "", t["profile"]]
     lines += [f"- {name}: {value}" for name, value in zip(t["fields"], values)]
     lines += ["", t["history"].format(n=len(history))]
-    lines += [_history_line(i, w, t) for i, w in enumerate(history, 1)]
-    lines += ["", t["catalog"]]
+    for i, workout in enumerate(history, 1):
+        lines += _history_lines(i, workout, catalog, lang)
+    lines += ["", t["allowed" if catalog_mode == "allowed" else "catalog"]]
     for ex in catalog:
+        if catalog_mode == "allowed":
+            # the coach's filtering done up front: the other columns would say nothing new
+            if not unsafe_reasons(ex, profile):
+                lines.append(f"- {ex.id} | {ex.group}")
+            continue
         if catalog_mode == "available" and not ex.equipment <= profile.equipment:
             continue
         equipment = ",".join(sorted(ex.equipment)) or "-"

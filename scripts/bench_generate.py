@@ -25,10 +25,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from distill.task import load_catalog, make_instance
+    from distill.tasks import default_task
 
-    catalog = load_catalog()
-    prompts = [make_instance(0, i, catalog)["prompt"] for i in range(args.prompts)]
+    task = default_task()
+    prompts = [task.example("train", i).prompt for i in range(args.prompts)]
     chats = [[{"role": "user", "content": p}] for p in prompts]
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -3,7 +3,7 @@
   .venv/bin/python scripts/bench_train.py [--layers 2] [--examples 8] [--batch-size 2] [--grad-accum 2]
 
 The model is Gemma 3 (configs/arch/gemma-3-270m-it.json: real 262,144-token vocabulary, real width)
-with fewer layers and random weights, on CPU in fp32. The data are task examples (rule-based teacher
+with fewer layers and random weights, on CPU in fp32. The data are crew task examples (reference
 answers), tokenized with the tiny student tokenizer. Both variants train LoRA (paper shape) with
 bitsandbytes 8-bit AdamW and gradient checkpointing for one epoch:
 
@@ -41,8 +41,9 @@ def build_model(work: Path, layers: int) -> Path:
 
     from distill.config import TinyModelsConfig
     from distill.models import build_tiny
+    from distill.tasks import default_task
 
-    tiny = build_tiny(work / "tiny", TinyModelsConfig(corpus_size=60))
+    tiny = build_tiny(work / "tiny", TinyModelsConfig(corpus_size=60), default_task())
     config = AutoConfig.from_pretrained(ARCH)
     config.num_hidden_layers = layers
     config.layer_types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
@@ -64,14 +65,14 @@ def write_run(work: Path, student: Path, args: argparse.Namespace) -> Path:
 
     from distill.artifacts import StageRecord, prepare_output, stage_dir
     from distill.config import load_config
-    from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
+    from distill.tasks import load_task
 
     path = work / "bench.yaml"
     path.write_text(
         f"run_name: bench\nrun_dir: {work / 'runs'}\nseed: 0\n"
         f"models: {{teacher: {student}, student: {student}}}\n"
         f"task: {{catalog_mode: {args.catalog_mode}}}\n"
-        f"generate: {{backend: rules, num_examples: {args.examples}, validation_examples: 0, test_examples: 0}}\n"
+        f"generate: {{backend: reference, num_examples: {args.examples}, validation_examples: 0, test_examples: 0}}\n"
         "train:\n"
         "  backend: transformers\n  method: lora\n  lora: {r: 128, alpha: 128}\n  optim: adamw_8bit\n"
         "  lr: 2.0e-5\n  warmup_steps: 1\n  epochs: 1\n  precision: fp32\n  gradient_checkpointing: true\n"
@@ -79,15 +80,13 @@ def write_run(work: Path, student: Path, args: argparse.Namespace) -> Path:
         "  save_steps: 100000\n  logging_steps: 1\n"
     )
     cfg = load_config(path)
-    catalog = load_catalog()
+    task = load_task(cfg)
     rows: dict[str, list] = {"id": [], "prompt": [], "response": []}
     for i in range(args.examples):
-        inst = make_instance(cfg.seed, i, catalog, "en", args.catalog_mode, 5)
-        profile = Profile.from_dict(inst["profile"])
-        program = plan_program(profile, [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
+        example = task.example("train", i)
         rows["id"].append(f"b{i}")
-        rows["prompt"].append(inst["prompt"])
-        rows["response"].append(render_program(program, "en"))
+        rows["prompt"].append(example.prompt)
+        rows["response"].append(example.reference)
     prepare_output(cfg, "generate", overwrite=True)
     DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(stage_dir(cfg, "generate") / "dataset"))
     StageRecord(cfg, "generate").finish()

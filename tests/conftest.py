@@ -25,6 +25,13 @@ def cli():
     return run_cli
 
 
+def crew_task(seed: int = 0):
+    """The flagship pack with its defaults (what a config without a `task` section gets)."""
+    from distill.tasks import default_task
+
+    return default_task(seed)
+
+
 def make_trained_run(root: Path, extra: str = "") -> Path:
     """Tiny models, a finished generate stage, and a non-trivial LoRA adapter standing in for training
     (real training has its own tests; here only the stages after it are under test)."""
@@ -36,17 +43,18 @@ def make_trained_run(root: Path, extra: str = "") -> Path:
     from distill.config import TinyModelsConfig, load_config
     from distill.models import build_tiny
     from distill.stages.generate import run as generate
+    from distill.tasks import load_task
 
-    build_tiny(root / "models", TinyModelsConfig(seed=2, corpus_size=60))
     path = root / "cfg.yaml"
     path.write_text(
         f"run_name: e\nrun_dir: {root / 'runs'}\n"
         f"models: {{teacher: {root / 'models/teacher'}, student: {root / 'models/student'}}}\n"
-        "generate: {backend: rules, num_examples: 8, validation_examples: 3, test_examples: 4}\n"
+        "generate: {backend: reference, num_examples: 8, validation_examples: 3, test_examples: 4}\n"
         "train: {lora: {r: 4, alpha: 8}, precision: fp32}\nmerge: {dtype: float32, check_prompts: 2}\n"
         "export: {check_prompts: 2}\n" + extra
     )
     cfg = load_config(path)
+    build_tiny(root / "models", TinyModelsConfig(seed=2, corpus_size=60), load_task(cfg))  # tokenizers of the config's task
     generate(cfg)
     prepare_output(cfg, "train", overwrite=False)
     base = AutoModelForCausalLM.from_pretrained(cfg.models.student)

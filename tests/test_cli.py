@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_help_is_instant_and_imports_nothing_heavy() -> None:
@@ -85,41 +85,43 @@ def test_task_sample_prints_prompts() -> None:
 
 
 def _planner_files(tmp_path: Path, index: int = 4) -> tuple[Path, Path, str]:
-    from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
+    from distill.config import load_config
+    from distill.tasks import load_task
 
-    catalog = load_catalog()
-    inst = make_instance(0, index, catalog)
-    program = render_program(
-        plan_program(Profile.from_dict(inst["profile"]), [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
-    )
+    example = load_task(load_config(REPO / "configs/tiny.yaml")).example("test", index)
     record = tmp_path / "record.json"
-    record.write_text(json.dumps(inst))
+    record.write_text(json.dumps({"id": example.id, "payload": json.dumps(example.payload)}))  # a dataset row
     text = tmp_path / "program.txt"
-    text.write_text(program)
-    return record, text, program
+    text.write_text(example.reference)
+    return record, text, example.reference
 
 
 def test_task_check_exit_codes(tmp_path: Path) -> None:
     record, text, program = _planner_files(tmp_path)
-    ok = run_cli("task", "check", "--profile", str(record), "--program", str(text))
+
+    def check(payload: Path, answer: Path):
+        return run_cli("task", "check", "configs/tiny.yaml", "--payload", str(payload), "--answer", str(answer))
+
+    ok = check(record, text)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout) == {"valid": True, "violations": []}
 
     text.write_text(program.replace("Workout 3", "Workout 4"))
-    bad = run_cli("task", "check", "--profile", str(record), "--program", str(text))
+    bad = check(record, text)
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["violations"][0]["check"] == "unparseable"
 
+    payload = json.loads(json.loads(record.read_text())["payload"])
     profile_only = tmp_path / "profile.json"
-    profile_only.write_text(json.dumps(json.loads(record.read_text())["profile"]))
+    profile_only.write_text(json.dumps({"profile": payload["profile"]}))  # no history: any rotation start is fine
     text.write_text(program)
-    assert run_cli("task", "check", "--profile", str(profile_only), "--program", str(text)).returncode == 0
+    assert check(profile_only, text).returncode == 0
 
-    for broken, expected in (("{nope", "invalid JSON at line 1"), ('{"role": "pilot"}', "profile.level: missing")):
+    for broken, expected in (("{nope", "invalid JSON at line 1"), ('{"profile": {"role": "pilot"}}', "profile.level: missing")):
         profile_only.write_text(broken)
-        res = run_cli("task", "check", "--profile", str(profile_only), "--program", str(text))
+        res = check(profile_only, text)
         assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("task", "check", "--profile", str(record), "--program", str(tmp_path / "missing.txt"))
+    res = check(record, tmp_path / "missing.txt")
     assert res.returncode == 2 and "missing.txt: file not found" in res.stderr
 
 

@@ -22,7 +22,7 @@ models:
     vocab_size: 1024
     student_arch: gpt2
     student: {{hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128}}
-generate: {{backend: rules, num_examples: 8, validation_examples: 2, test_examples: 2}}
+generate: {{backend: reference, num_examples: 8, validation_examples: 2, test_examples: 2}}
 train: {{method: full, precision: fp32, max_steps: 2, batch_size: 4, grad_accum: 1, gradient_checkpointing: false}}
 merge: {{dtype: float32, check_prompts: 2}}
 prune: {{enabled: true, amount: 0.4}}

@@ -61,7 +61,7 @@ def test_all_problems_reported_at_once_with_keys(tmp_path: Path) -> None:
     text = "\n".join(problems)
     assert "train.lr" in text and '"fast"' in text
     assert "train.batch_sise: unknown key (did you mean 'batch_size'?)" in text
-    assert "generate.backend" in text and "'rules'" in text
+    assert "generate.backend" in text and "'reference'" in text
     assert "override: serve.parallel: got 0; input should be greater than or equal to 1" in text
     assert sum(p.startswith(str(path)) for p in problems) == 3
 
@@ -112,3 +112,17 @@ def test_every_field_is_documented() -> None:
 
     walk(PipelineConfig)
     assert len(seen) > 10
+
+
+def test_task_section_picks_a_pack_and_is_strict(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).task.kind == "crew"  # no task section: the crew pack
+    path = write(tmp_path, MINIMAL + "task: {kind: jsonl, files: [x.jsonl], prompt_templat: 'Q: {q}'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["task.unit=3"])
+    text = "\n".join(info.value.problems)
+    assert "task.prompt_templat: unknown key (did you mean 'prompt_template'?)" in text
+    assert "override: task.unit: got 3" in text
+    with pytest.raises(ConfigError, match=r"override: task.kind: got \"magic\"; use one of crew, jsonl, python"):
+        load_config(path, ["task.kind=magic"])
+    with pytest.raises(ConfigError, match="task.language: unknown key"):
+        load_config(write(tmp_path, MINIMAL + "task: {kind: python, factory: 'a:b', language: en}\n"))

@@ -8,36 +8,33 @@ from pathlib import Path
 import pytest
 
 from conftest import make_exported_run, run_cli
-from distill.config import load_config
-from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
+from distill.config import CrewTaskConfig, load_config
+from distill.tasks.crew.pack import CrewTask
+from distill.tasks.crew.profile import Profile
+from distill.tasks.crew.program import parse_program, render_program
 
 EVAL = "eval: {num_prompts: 3, max_new_tokens: 24}\n"
+TASK = CrewTask(CrewTaskConfig(), 0)
 
 
 def _row(index: int) -> tuple[dict, object]:
-    catalog = load_catalog()
-    inst = make_instance(0, index, catalog)
-    profile = Profile.from_dict(inst["profile"])
-    program = plan_program(profile, [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
-    row = {
-        "prompt": inst["prompt"],
-        "profile": json.dumps(inst["profile"]),
-        "history": json.dumps(inst["history"]),
-        "response": render_program(program),
-    }
-    return row, program
+    example = TASK.example("train", index)
+    row = {"prompt": example.prompt, "payload": json.dumps(example.payload), "response": example.reference}
+    return row, parse_program(example.reference)
 
 
 def test_scores_of_known_programs() -> None:
     from distill.stages.eval import score, summarize
 
-    catalog = load_catalog()
+    catalog = TASK.catalog
     row, program = _row(3)
-    teacher = score(row["response"], row, catalog)
-    assert teacher == {"valid": True, "violations": [], "quality": 1.0, "split_match": True, "exercise_overlap": 1.0}
+    teacher = score(row["response"], row, TASK)
+    assert teacher == {
+        "valid": True, "violations": [], "quality": 1.0, "agreement": {"split_match": 1.0, "exercise_overlap": 1.0}
+    }  # fmt: skip
 
     # Swap the first exercise for one the profile cannot do and drop the last workout.
-    profile = Profile.from_dict(json.loads(row["profile"]))
+    profile = Profile.from_dict(json.loads(row["payload"])["profile"])
     forbidden = next(ex for ex in catalog if profile.contraindications & ex.contraindications or ex.equipment - profile.equipment)
     first = program.workouts[0]
     broken = replace(
@@ -45,20 +42,20 @@ def test_scores_of_known_programs() -> None:
         workouts=(replace(first, exercises=(replace(first.exercises[0], exercise_id=forbidden.id), *first.exercises[1:])),
                   *program.workouts[1:2]),
     )  # fmt: skip
-    result = score(render_program(broken), row, catalog)
+    result = score(render_program(broken), row, TASK)
     assert not result["valid"] and "wrong_workout_count" in result["violations"]
     assert {"contraindicated_exercise", "unavailable_equipment"} & set(result["violations"])
-    assert result["split_match"] is False and 0 < result["exercise_overlap"] < 1
+    assert result["agreement"]["split_match"] == 0.0 and 0 < result["agreement"]["exercise_overlap"] < 1
     assert 0 < result["quality"] < 1
 
-    garbage = score("Workout one", row, catalog)
+    garbage = score("Workout one", row, TASK)
     assert garbage["violations"] == ["unparseable"] and garbage["quality"] == 0.0
 
-    summary = summarize([teacher, result, garbage, teacher])
+    summary = summarize([teacher, result, garbage, teacher], TASK)
     assert summary["validity"] == 0.5
     assert summary["violation_rates"]["unparseable"] == 0.25
     assert summary["violation_rates"]["wrong_workout_count"] == 0.25
-    assert summary["teacher_split_match"] == 0.5
+    assert summary["agreement"]["split_match"] == 0.5
     assert "perplexity" not in summary  # the teacher's own answers are not generated
 
 
@@ -77,7 +74,7 @@ def test_every_variant_evaluated_and_compared(exported) -> None:
         folder = evaluate(cfg, model=model)
         results[model] = read_manifest(folder)["metrics"]
         records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
-        assert len(records) == 3 == results[model]["programs"]
+        assert len(records) == 3 == results[model]["answers"]
     assert results["teacher"]["validity"] == 1.0 and results["teacher"]["teacher_acceptance_rate"] == 1.0
     # The adapter folds into the merged model exactly, and Q8_0 barely moves the perplexity.
     assert results["adapter"]["perplexity"] == pytest.approx(results["merged"]["perplexity"], rel=1e-4)
@@ -90,7 +87,7 @@ def test_every_variant_evaluated_and_compared(exported) -> None:
     assert results["gguf"]["size_bytes"] < results["merged"]["size_bytes"]
 
     comparison = (cfg.run_path / "eval" / "comparison.md").read_text()
-    for title in ("teacher (held-out responses)", "student before training", "merged student", "GGUF in llama.cpp"):
+    for title in ("reference answers (held-out)", "student before training", "merged student", "GGUF in llama.cpp"):
         assert f"| {title} |" in comparison
     assert (cfg.run_path / "eval" / "comparison.png").stat().st_size > 5000
 
@@ -113,7 +110,7 @@ def test_interrupted_eval_resumes_and_keeps_finished_programs(exported) -> None:
     records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [json.loads(line)["id"] for line in lines]
     assert records[0]["text"] == "kept from the first run" and records[2]["text"] == json.loads(lines[2])["text"]
-    assert read_manifest(folder)["metrics"]["programs"] == 3
+    assert read_manifest(folder)["metrics"]["answers"] == 3
 
 
 def test_eval_input_errors(exported) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, crew_task, run_cli
 from distill.config import load_config
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def models(tmp_path_factory) -> Path:
     from distill.models import build_tiny
 
     out = tmp_path_factory.mktemp("models")
-    build_tiny(out, TinyModelsConfig(seed=0, corpus_size=60))
+    build_tiny(out, TinyModelsConfig(seed=0, corpus_size=60), crew_task())
     return out
 
 
@@ -28,7 +28,7 @@ def write_config(tmp_path: Path, models: Path, extra: str = "") -> Path:
     path.write_text(
         f"run_name: g\nrun_dir: {tmp_path / 'runs'}\nseed: 1\n"
         f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-        "generate:\n  backend: rules\n  num_examples: 40\n  validation_examples: 6\n  test_examples: 5\n  batch_size: 16\n"
+        "generate:\n  backend: reference\n  num_examples: 40\n  validation_examples: 6\n  test_examples: 5\n  batch_size: 16\n"
         + extra
     )
     return path
@@ -38,7 +38,7 @@ def load_records(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(folder.glob("shards/*/records.jsonl")) for line in f.read_text().splitlines()]
 
 
-def test_rules_backend_end_to_end_with_splits(tmp_path, models) -> None:
+def test_reference_backend_end_to_end_with_splits(tmp_path, models) -> None:
     from datasets import load_from_disk
 
     from distill.artifacts import read_manifest
@@ -48,9 +48,9 @@ def test_rules_backend_end_to_end_with_splits(tmp_path, models) -> None:
     folder = run(cfg)
     data = load_from_disk(str(folder / "dataset"))
     assert {k: len(v) for k, v in data.items()} == {"train": 40, "validation": 6, "test": 5}
-    assert set(data["train"].column_names) >= {"id", "prompt", "response", "profile", "history", "profile_hash"}
-    train_profiles = set(data["train"]["profile_hash"])
-    assert not train_profiles & (set(data["validation"]["profile_hash"]) | set(data["test"]["profile_hash"]))
+    assert set(data["train"].column_names) == {"id", "index", "group", "payload", "prompt", "response"}
+    train_groups = set(data["train"]["group"])
+    assert not train_groups & (set(data["validation"]["group"]) | set(data["test"]["group"]))
     ids = [i for split in data.values() for i in split["id"]]
     assert len(ids) == len(set(ids))
     manifest = read_manifest(folder)
@@ -66,18 +66,17 @@ def test_rules_backend_end_to_end_with_splits(tmp_path, models) -> None:
 def test_near_duplicates_and_reasoning_only_are_rejected(tmp_path, models) -> None:
     from distill.dedup import NearDuplicateIndex
     from distill.stages.generate import judge
-    from distill.task import load_catalog, make_instance
+    from distill.teachers.reference import ReferenceTeacher
 
-    catalog = load_catalog()
-    inst = make_instance(0, 0, catalog)
-    from distill.teachers.rules import RulesTeacher
-
-    answer = RulesTeacher(load_config(write_config(tmp_path, models))).generate([inst])[0].text
+    task = crew_task()
+    example = task.example("train", 0)
+    inst = {"prompt": example.prompt, "payload": example.payload, "reference": example.reference}
+    answer = ReferenceTeacher(task).generate([inst])[0].text
     dedup = NearDuplicateIndex(0.9)
-    assert judge(f"<think>\n\n</think>\n\n{answer}", inst, catalog, dedup)[:2] == ("accepted", [])
-    assert judge(answer, inst, catalog, dedup)[:2] == ("rejected", ["near_duplicate"])
-    assert judge("<think>I should plan a push day", inst, catalog, dedup)[:2] == ("rejected", ["only_reasoning"])
-    status, reasons, _, _ = judge("Workout 1: push\n- moon_walk: 3x10, rest 60 s", inst, catalog, dedup)
+    assert judge(f"<think>\n\n</think>\n\n{answer}", inst, task, dedup)[:2] == ("accepted", [])
+    assert judge(answer, inst, task, dedup)[:2] == ("rejected", ["near_duplicate"])
+    assert judge("<think>I should plan a push day", inst, task, dedup)[:2] == ("rejected", ["only_reasoning"])
+    status, reasons, _, _ = judge("Workout 1: push\n- moon_walk: 3x10, rest 60 s", inst, task, dedup)
     assert status == "rejected" and "unknown_exercise" in reasons
 
 
@@ -275,14 +274,15 @@ def test_self_instruct_pool_with_a_real_teacher(tmp_path, models) -> None:
 
     extra = "  sampling: {max_tokens: 24, temperature: 1.0}\n  self_instruct: {enabled: true, num_requests: 3, in_context: 4}\n"
     cfg = load_config(write_config(tmp_path, models, extra), ["generate.backend=transformers"])
-    teacher = make_teacher(cfg)
-    pool = request_pool(cfg, tmp_path / "gen", teacher)
-    seeds = load_seeds(cfg)
+    task = crew_task(cfg.seed)
+    teacher = make_teacher(cfg, task)
+    pool = request_pool(cfg, task, tmp_path / "gen", teacher)
+    seeds = load_seeds(cfg, task.self_instruct())
     assert pool[: len(seeds)] == seeds and len(pool) <= len(seeds) + 3
     new = pool[len(seeds) :]
     for i, request in enumerate(new):
         assert all(rouge_l(request, other) < 0.7 for other in pool[: len(seeds) + i])
-    assert request_pool(cfg, tmp_path / "gen", teacher) == pool  # bootstrapped once, then reused
+    assert request_pool(cfg, task, tmp_path / "gen", teacher) == pool  # bootstrapped once, then reused
     teacher.close()
 
     res = run_cli("generate", str(write_config(tmp_path, models, extra)))
@@ -290,9 +290,7 @@ def test_self_instruct_pool_with_a_real_teacher(tmp_path, models) -> None:
 
 
 def test_prompts_carry_a_request(tmp_path, models) -> None:
-    from distill.selfinstruct import with_request
-
     prompt = "Intro line.\n\nProfile:\n- role: pilot"
-    out = with_request(prompt, "I fly long-haul and my back hurts.", "en")
+    out = crew_task().self_instruct().with_request(prompt, "I fly long-haul and my back hurts.")
     assert out.startswith("Intro line.\nThe crew member also writes: \"I fly long-haul and my back hurts.\"")
     assert out.endswith("Profile:\n- role: pilot")

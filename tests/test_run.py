@@ -18,7 +18,7 @@ models:
   teacher: {root}/models/teacher
   student: {root}/models/student
   tiny: {{seed: 3, corpus_size: 40, vocab_size: 1024}}
-generate: {{backend: rules, num_examples: 8, validation_examples: 2, test_examples: 3}}
+generate: {{backend: reference, num_examples: 8, validation_examples: 2, test_examples: 3}}
 train: {{lora: {{r: 4, alpha: 8}}, precision: fp32, max_steps: 3, batch_size: 2, grad_accum: 1, lr: 1.0e-3,
          gradient_checkpointing: false, save_steps: 2, logging_steps: 1}}
 merge: {{dtype: float32, check_prompts: 2}}

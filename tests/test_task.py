@@ -5,14 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from distill.task import (
-    CHECKS, LoggedWorkout, Prescription, Profile, Program, TaskInputError, Workout, check_program, check_program_obj,
-    load_catalog, make_instance, parse_program, plan_program, program_from_json, program_to_json, quality_score,
-    render_program, sample_profile,
+from distill.tasks import quality_score
+from distill.tasks.crew.catalog import TaskInputError, load_catalog
+from distill.tasks.crew.checks import CHECKS, WEIGHTS, check_program, check_program_obj
+from distill.tasks.crew.history import LoggedWorkout
+from distill.tasks.crew.planner import plan_program
+from distill.tasks.crew.profile import CELLS, Profile, sample_profile
+from distill.tasks.crew.program import (
+    Prescription, Program, ProgramParseError, Workout, parse_program, program_from_json, program_to_json, render_line,
+    render_program,
 )  # fmt: skip
-from distill.task.profile import CELLS
-from distill.task.program import ProgramParseError, render_line
-from distill.task.rules import unsafe_reasons
+from distill.tasks.crew.prompt import make_instance
+from distill.tasks.crew.rules import unsafe_reasons
 
 CATALOG = load_catalog()
 
@@ -222,10 +226,10 @@ def test_split_mismatch_and_progression() -> None:
 
 def test_quality_score() -> None:
     profile, history, program = instance(1)
-    assert quality_score(check_program(render_program(program), profile, CATALOG, history)) == 1.0
-    assert quality_score(check_program("nonsense", profile, CATALOG, history)) == 0.0
+    assert quality_score(check_program(render_program(program), profile, CATALOG, history), WEIGHTS) == 1.0
+    assert quality_score(check_program("nonsense", profile, CATALOG, history), WEIGHTS) == 0.0
     broken = Program(program.workouts[:2])
-    assert 0 < quality_score(check_program_obj(broken, profile, CATALOG, history)) < 1
+    assert 0 < quality_score(check_program_obj(broken, profile, CATALOG, history), WEIGHTS) < 1
     assert set(CHECKS) >= {"unparseable", "wrong_workout_count", "unknown_exercise", "contraindicated_exercise",
                            "unavailable_equipment", "level_too_low", "sets_reps_out_of_range", "exercise_count",
                            "split_mismatch", "no_progression"}  # fmt: skip

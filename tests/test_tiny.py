@@ -3,16 +3,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import crew_task
 from distill.config import TinyModelsConfig
 from distill.models import build_tiny
-from distill.task import corpus_texts
 
 SPEC = TinyModelsConfig(seed=3, corpus_size=60)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    return build_tiny(tmp_path_factory.mktemp("tiny"), SPEC)
+    return build_tiny(tmp_path_factory.mktemp("tiny"), SPEC, crew_task())
 
 
 def _digest(folder: Path) -> str:
@@ -34,7 +34,7 @@ def test_models_load_generate_and_are_deterministic(tiny, tmp_path) -> None:
         out = model.generate(**ids, max_new_tokens=4, do_sample=False)
         assert out.shape[1] == ids["input_ids"].shape[1] + 4 or out[0, -1] in model.generation_config.eos_token_id
         assert torch.isfinite(model(**ids).logits).all()
-    again = build_tiny(tmp_path, SPEC)
+    again = build_tiny(tmp_path, SPEC, crew_task())
     assert _digest(again["student"]) == _digest(tiny["student"])
     assert _digest(again["teacher"]) == _digest(tiny["teacher"])
 
@@ -82,7 +82,7 @@ def test_sentencepiece_and_hf_tokenizers_agree(tiny) -> None:
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny["student"] / "tokenizer.model"))
     tok = AutoTokenizer.from_pretrained(tiny["student"])
-    texts = corpus_texts(10, 11, "en") + corpus_texts(10, 12, "ru") + ["  two  spaces\n\n\ttab 0123456789 ☃"]
+    texts = crew_task().corpus(20, 11) + ["  two  spaces\n\n\ttab 0123456789 ☃"]
     for text in texts:
         assert sp.encode(text) == tok(text, add_special_tokens=False)["input_ids"]
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, crew_task, run_cli
 
 from distill.config import TinyModelsConfig, load_config
 from distill.errors import DistillError
@@ -20,22 +20,19 @@ def models(tmp_path_factory) -> Path:
     from distill.models import build_tiny
 
     out = tmp_path_factory.mktemp("models")
-    build_tiny(out, SPEC)
+    build_tiny(out, SPEC, crew_task())
     return out
 
 
 def examples(n: int) -> list[dict]:
     """Short prompts with real planner programs as answers, so steps are fast."""
-    from distill.task import LoggedWorkout, Profile, load_catalog, make_instance, plan_program, render_program
-
-    catalog = load_catalog()
+    task = crew_task()
     rows = []
     for i in range(n):
-        inst = make_instance(0, i, catalog)
-        profile = Profile.from_dict(inst["profile"])
-        program = plan_program(profile, [LoggedWorkout.from_dict(w) for w in inst["history"]], catalog)
-        prompt = f"Plan 3 workouts: {profile.level}, {profile.frequency}/week, {profile.goal}."
-        rows.append({"id": f"ex{i}", "prompt": prompt, "response": render_program(program)})
+        example = task.example("train", i)
+        profile = example.payload["profile"]
+        prompt = f"Plan 3 workouts: {profile['level']}, {profile['frequency']}/week, {profile['goal']}."
+        rows.append({"id": f"ex{i}", "prompt": prompt, "response": example.reference})
     return rows
 
 
@@ -59,7 +56,7 @@ def make_run(
     path.write_text(
         f"run_name: t\nrun_dir: {tmp_path / 'runs'}\nseed: 0\n"
         f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-        f"generate: {{backend: rules, num_examples: {n}, validation_examples: 0, test_examples: 0}}\n"
+        f"generate: {{backend: reference, num_examples: {n}, validation_examples: 0, test_examples: 0}}\n"
         f"train:\n  lora: {{r: {r}, alpha: {2 * r}}}\n"
         f"  lr: {lr:.1e}\n  warmup_steps: 1\n  batch_size: 4\n  grad_accum: {grad_accum}\n"
         f"  max_length: 512\n  precision: fp32\n  gradient_checkpointing: false\n  save_steps: {save_steps}\n  logging_steps: 1\n"

@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-task_app = typer.Typer(help="The flagship task: crew training programs.", no_args_is_help=True)
+task_app = typer.Typer(help="The config's task pack: its prompts and its checks.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 
 console = Console()
@@ -241,17 +241,22 @@ def tiny_models(
     seed: Annotated[int, typer.Option(help="Seed for weights and tokenizer.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Take models.tiny settings from this pipeline YAML.")] = None,
 ) -> None:
-    """Build a tiny random Qwen3 teacher and Gemma3 student with a tokenizer trained on task text."""
+    """Build a tiny random Qwen3 teacher and Gemma3 student with a tokenizer trained on task text
+    (the config's task; the crew task without --config)."""
 
     def body() -> None:
         from distill.config import TinyModelsConfig
         from distill.models import build_tiny
+        from distill.tasks import default_task, load_task
 
         spec = TinyModelsConfig(seed=seed)
         if config is not None:
             cfg = _load(config, None)
             spec = cfg.models.tiny.model_copy(update={"seed": seed}) if cfg.models.tiny else spec
-        paths = build_tiny(out_dir, spec)
+            task = load_task(cfg)
+        else:
+            task = default_task(seed)
+        paths = build_tiny(out_dir, spec, task)
         for role, path in paths.items():
             console.print(f"{role}: {path}")
 
@@ -263,65 +268,62 @@ def task_sample(
     config: ConfigArg,
     overrides: OverridesArg = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Prompts to print.")] = 1,
-    start: Annotated[int, typer.Option(help="Index of the first instance.")] = 0,
+    start: Annotated[int, typer.Option(help="Index of the first input.")] = 0,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "train",
 ) -> None:
-    """Print sampled task prompts (profile + history + catalog) as the teacher sees them."""
+    """Print task prompts exactly as teacher and student see them."""
 
     def body() -> None:
-        from distill.task import load_catalog, make_instance
+        from distill.tasks import SPLITS, load_task
 
-        cfg = _load(config, overrides)
-        catalog = load_catalog(cfg.task.catalog)
+        if split not in SPLITS:
+            raise DistillError(f"--split {split}: use one of {', '.join(SPLITS)}")
+        task = load_task(_load(config, overrides))
         for index in range(start, start + n):
-            inst = make_instance(
-                cfg.seed, index, catalog, lang=cfg.task.language,
-                catalog_mode=cfg.task.catalog_mode, history_len=cfg.task.history_len,
-            )  # fmt: skip
-            console.rule(f"instance {index} · profile {inst['profile_hash']}")
-            console.print(inst["prompt"], highlight=False, markup=False, soft_wrap=True)
+            example = task.example(split, index)
+            if example is None:
+                break
+            console.rule(f"{split} input {index} · id {example.id} · group {example.group}")
+            console.print(example.prompt, highlight=False, markup=False, soft_wrap=True)
 
     _guard(body)
 
 
 @task_app.command("check")
 def task_check(
-    profile: Annotated[Path, typer.Option(help="Profile JSON, or an example record with 'profile' and 'history'.")],
-    program: Annotated[Path, typer.Option(help="Program text file to check.")],
-    catalog: Annotated[Path | None, typer.Option(help="Exercise catalog JSON (default data/catalog.json).")] = None,
+    config: ConfigArg,
+    payload: Annotated[Path, typer.Option(help="The input's payload JSON, or a dataset record with a 'payload'.")],
+    answer: Annotated[Path, typer.Option(help="Answer text file to check.")],
+    overrides: OverridesArg = None,
 ) -> None:
-    """Check a program against a profile: prints {"valid", "violations"}; exit 0 valid, 1 invalid, 2 bad input."""
+    """Check an answer with the config's task: prints {"valid", "violations"}; exit 0 valid, 1 invalid, 2 bad input."""
 
     def body() -> None:
-        from distill.task import LoggedWorkout, Profile, TaskInputError, check_program, is_valid, load_catalog
+        from distill.tasks import TaskError, load_task
 
+        task = load_task(_load(config, overrides))
         try:
-            cat = load_catalog(catalog)
-            data = json.loads(profile.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise TaskInputError(f"{profile}: expected a JSON object")
-            record = data if "profile" in data else {"profile": data}
-            prof = Profile.from_dict(record["profile"])
-            history = [LoggedWorkout.from_dict(w) for w in record["history"]] if record.get("history") else None
-            text = program.read_text(encoding="utf-8")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TaskInputError, KeyError, TypeError) as exc:
-            _fail(f"{_input_error(exc, profile, program)}", 2)
-        violations = check_program(text, prof, cat, history)
-        result = {"valid": is_valid(violations), "violations": [{"check": v.check, "detail": v.detail} for v in violations]}
+            data = json.loads(payload.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "payload" in data:  # a dataset or shard record
+                data = json.loads(data["payload"]) if isinstance(data["payload"], str) else data["payload"]
+            text = answer.read_text(encoding="utf-8")
+            violations = task.check(text, data)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TaskError) as exc:
+            _fail(_input_error(exc, payload, answer), 2)
+        result = {"valid": not violations, "violations": [{"check": v.check, "detail": v.detail} for v in violations]}
         print(json.dumps(result, ensure_ascii=False))
         raise typer.Exit(0 if result["valid"] else 1)
 
     _guard(body)
 
 
-def _input_error(exc: Exception, profile: Path, program: Path) -> str:
+def _input_error(exc: Exception, payload: Path, answer: Path) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"{exc.filename}: file not found"
     if isinstance(exc, json.JSONDecodeError):
-        return f"{profile}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        return f"{payload}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
     if isinstance(exc, UnicodeDecodeError):
-        return f"{profile} or {program}: not UTF-8 text"
-    if isinstance(exc, (KeyError, TypeError)):
-        return f"{profile}: not a profile record ({exc}); expected the keys of Profile.to_dict()"
+        return f"{payload} or {answer}: not UTF-8 text"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 

@@ -10,14 +10,13 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from distill.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("generate", "train", "merge", "prune", "export", "serve", "eval")
 # Which config sections each stage's output depends on, upstream included: a change there makes it stale.
 STAGE_SECTIONS = {
@@ -92,17 +91,67 @@ class ModelsConfig(Strict):
     )
 
 
-class TaskConfig(Strict):
-    """The flagship task: crew profile + last workouts + catalog -> next workouts."""
+class CrewTaskConfig(Strict):
+    """The flagship pack: crew profile + last workouts + catalog -> next workouts."""
 
+    kind: Literal["crew"] = Field("crew", description="Task pack: crew, jsonl (your data) or python (your class).")
     language: Literal["en", "ru"] = Field("en", description="Language of prompts and programs.")
-    catalog: Path | None = Field(None, description="Exercise catalog JSON; default data/catalog.json.")
+    catalog: Path | None = Field(None, description="Exercise catalog JSON; default: the one shipped with the pack.")
     catalog_mode: Literal["available", "full", "allowed"] = Field(
         "available",
         description="'full' lists the whole catalog in the prompt, 'available' only usable equipment, 'allowed' "
         "only what the profile may do (equipment, level, contraindications) as id and group: prompts ~40% shorter.",
     )
     history_len: int = Field(5, ge=1, le=10, description="Logged workouts shown in each prompt.")
+    request_ask: str | None = Field(
+        None, description="Self-Instruct: what the teacher is asked, with {examples}; default: the pack's crew wording."
+    )
+    request_template: str | None = Field(
+        None, description="Self-Instruct: how a request joins a prompt, with {request}; default: per language."
+    )
+
+
+class JsonlTaskConfig(Strict):
+    """Your own task from JSONL files, configured here alone: prompt template, split, validators, gold answers."""
+
+    kind: Literal["jsonl"] = Field(description="Task pack: crew, jsonl (your data) or python (your class).")
+    name: str = Field("jsonl", description="The task's name in reports.")
+    unit: str = Field("answer", description="What one answer is called in reports, e.g. 'record'.")
+    files: list[Path] = Field(min_length=1, description="JSONL files of inputs, one JSON object per line.")
+    prompt_template: str | None = Field(
+        None, description="The prompt, with {field} placeholders filled from each row (or use prompt_field)."
+    )
+    prompt_field: str | None = Field(None, description="A column that holds the whole prompt.")
+    id_field: str | None = Field(None, description="A column with a stable id per row; default: split and index.")
+    split_field: str | None = Field(
+        None, description="A column saying train, validation or test; otherwise split by a hash of group_field."
+    )
+    group_field: str | None = Field(
+        None, description="Rows sharing this column's value stay in one split (held-out isolation)."
+    )
+    validation_share: float = Field(0.1, ge=0, lt=1, description="Share of groups hashed into validation.")
+    test_share: float = Field(0.1, ge=0, lt=1, description="Share of groups hashed into test.")
+    reference_field: str | None = Field(
+        None, description="A column with the gold answer: the `reference` teacher, exact/per-field agreement in eval."
+    )
+    json_schema: Path | None = Field(None, description="JSON Schema file every answer must satisfy (as JSON).")
+    regex: str | None = Field(None, description="A regular expression every answer must fully match.")
+    choices: list[str] | None = Field(None, description="The allowed answers, one of which must be given exactly.")
+
+
+class PythonTaskConfig(Strict):
+    """Your own implementation of the task interface, for checks no schema can express."""
+
+    kind: Literal["python"] = Field(description="Task pack: crew, jsonl (your data) or python (your class).")
+    factory: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:factory importable from the current folder or PYTHONPATH; called as factory(options, seed).",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the factory as its first argument.")
+
+
+TaskConfig = Annotated[CrewTaskConfig | JsonlTaskConfig | PythonTaskConfig, Field(discriminator="kind")]
+TASK_CONFIGS = {"crew": CrewTaskConfig, "jsonl": JsonlTaskConfig, "python": PythonTaskConfig}
 
 
 class SamplingConfig(Strict):
@@ -140,10 +189,10 @@ class OpenAIConfig(Strict):
 
 
 class SelfInstructConfig(Strict):
-    """Optional Self-Instruct bootstrapping of free-form crew requests (needs a language-model teacher)."""
+    """Optional Self-Instruct bootstrapping of free-form requests (needs a language-model teacher and a pack with templates)."""
 
     enabled: bool = Field(False, description="Let the teacher bootstrap free-form requests that prompts then carry.")
-    seed_tasks: Path | None = Field(None, description="Seed requests JSONL; default data/seed_tasks.jsonl.")
+    seed_tasks: Path | None = Field(None, description="Seed requests JSONL; default: the task pack's own.")
     num_requests: int = Field(100, ge=1, description="New requests to add to the seed pool.")
     in_context: int = Field(8, ge=1, description="Requests shown to the teacher per new one (k).")
     rouge_l_max: float = Field(0.7, gt=0, le=1, description="Keep a request only if its ROUGE-L to every other is below this.")
@@ -152,7 +201,9 @@ class SelfInstructConfig(Strict):
 class GenerateConfig(Strict):
     """Stage 1: the teacher writes the training data."""
 
-    backend: Literal["vllm", "openai", "transformers", "rules"] = Field("vllm", description="Teacher backend.")
+    backend: Literal["vllm", "openai", "transformers", "reference"] = Field(
+        "vllm", description="Teacher backend; `reference` writes the task's own reference answers (offline)."
+    )
     num_examples: int = Field(1000, ge=1, description="Accepted training examples to produce.")
     validation_examples: int = Field(50, ge=0, description="Held-out validation examples (unseen profiles).")
     test_examples: int = Field(50, ge=0, description="Held-out test examples (unseen profiles).")
@@ -293,7 +344,7 @@ class PipelineConfig(Strict):
     run_dir: Path = Field(Path("runs"), description="Parent folder of all runs.")
     seed: int = Field(0, description="Global seed.")
     models: ModelsConfig = Field(description="Teacher and student.")
-    task: TaskConfig = Field(default_factory=TaskConfig, description="The flagship task.")
+    task: TaskConfig = Field(default_factory=CrewTaskConfig, description="The task pack and its settings.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Stage 1.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Stage 3.")
@@ -303,6 +354,14 @@ class PipelineConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
 
     _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _crew_by_default(cls, data: Any) -> Any:
+        # configs written before task packs existed have no task.kind: they meant the crew task
+        if isinstance(data, dict) and isinstance(data.get("task"), dict) and "kind" not in data["task"]:
+            data = {**data, "task": {**data["task"], "kind": "crew"}}
+        return data
     _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @property
@@ -332,9 +391,20 @@ def _closest(name: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _untag(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
+    """pydantic puts the task kind into the path (`task.jsonl.files`); users wrote `task.files`."""
+    if len(loc) > 1 and loc[0] == "task" and loc[1] in TASK_CONFIGS:
+        return ("task", *loc[2:]), str(loc[1])
+    return loc, None
+
+
+def _model_at(loc: tuple[Any, ...], kind: str | None = None) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at `loc` (to suggest valid keys)."""
-    model: type[BaseModel] = PipelineConfig
+    if loc[:1] == ("task",):
+        model: type[BaseModel] = TASK_CONFIGS[kind or "crew"]
+        loc = loc[1:]
+    else:
+        model = PipelineConfig
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None:
@@ -348,16 +418,25 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _error_loc(err: dict[str, Any]) -> tuple[tuple[Any, ...], str | None]:
+    loc, kind = _untag(tuple(err["loc"]))
+    if err["type"] == "union_tag_invalid":  # the bad value is the task kind itself
+        loc = (*loc, "kind")
+    return loc, kind
+
+
 def _format_error(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
+    loc, kind = _error_loc(err)
     key = ".".join(str(p) for p in loc)
     value = err.get("input")
+    if err["type"] == "union_tag_invalid":
+        return f"{key}: got {json.dumps(err['ctx']['tag'])}; use one of {', '.join(TASK_CONFIGS)}"
     if err["type"] == "extra_forbidden":
-        owner = _model_at(loc[:-1])
+        owner = _model_at(loc[:-1], kind)
         options = sorted(owner.model_fields) if owner else []
         return f"{key}: unknown key{_closest(str(loc[-1]), options)}; valid keys here: {', '.join(options)}"
     if err["type"] == "missing":
-        owner = _model_at(loc[:-1])
+        owner = _model_at(loc[:-1], kind)
         field = owner.model_fields.get(str(loc[-1])) if owner else None
         hint = f" ({field.description})" if field and field.description else ""
         return f"{key}: required key is missing{hint}"
@@ -412,7 +491,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            key = ".".join(str(p) for p in _error_loc(err)[0])
             origin = "override" if any(key == o or key.startswith(o + ".") for o in overridden) else str(path)
             problems.append(f"{origin}: {_format_error(err)}")
     if problems:
@@ -420,8 +499,3 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     cfg._source = path
     cfg._overrides = list(overrides)
     return cfg
-
-
-def resolve_path(path: Path | None, default: str) -> Path:
-    """A data path from config: relative paths are taken from the current directory, defaults from the repo."""
-    return path if path is not None else REPO_ROOT / default

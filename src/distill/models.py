@@ -8,18 +8,16 @@ import tempfile
 from pathlib import Path
 
 from distill.config import PipelineConfig, TinyModelsConfig
+from distill.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
 
-def build_tiny(out_dir: Path, spec: TinyModelsConfig) -> dict[str, Path]:
-    """Tiny teacher + student in `out_dir`, tokenizers trained on task text in both languages."""
-    from distill.task import corpus_texts
+def build_tiny(out_dir: Path, spec: TinyModelsConfig, task: Task) -> dict[str, Path]:
+    """Tiny teacher + student in `out_dir`, tokenizers trained on the task's own text."""
     from distill.tiny import build_tiny_models
 
-    half = max(1, spec.corpus_size // 2)
-    texts = corpus_texts(half, spec.seed, "en") + corpus_texts(half, spec.seed + 1, "ru")
-    return build_tiny_models(Path(out_dir), texts, spec)
+    return build_tiny_models(Path(out_dir), task.corpus(spec.corpus_size, spec.seed), spec)
 
 
 def ensure_models(cfg: PipelineConfig) -> None:
@@ -30,12 +28,13 @@ def ensure_models(cfg: PipelineConfig) -> None:
     targets = {"teacher": Path(cfg.models.teacher), "student": Path(cfg.models.student)}
     if spec is None:
         return
-    wanted = spec_json(spec)
+    task = load_task(cfg)
+    wanted = spec_json(spec, task.corpus(spec.corpus_size, spec.seed))
     if all((p / "config.json").is_file() and _read(p / SPEC_FILE) == wanted for p in targets.values()):
         return
     log.info("building tiny models (seed %d) into %s", spec.seed, ", ".join(map(str, targets.values())))
     with tempfile.TemporaryDirectory(prefix="distill-tiny-") as tmp:
-        built = build_tiny(Path(tmp), spec)
+        built = build_tiny(Path(tmp), spec, task)
         for role, target in targets.items():
             if target.exists():
                 shutil.rmtree(target)

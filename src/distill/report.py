@@ -7,6 +7,7 @@ from typing import Any
 
 from distill.artifacts import atomic_write_text, read_manifest, stage_dir, stage_status
 from distill.config import PipelineConfig
+from distill.tasks import Task, load_task
 
 MIB = 2**20
 
@@ -26,14 +27,22 @@ def _missing(cfg: PipelineConfig, stage: str) -> list[str]:
     return [f"Not run yet: `distill {stage} {cfg.command_args}` (or `distill run {cfg.command_args}`).", ""]
 
 
-def _generate(cfg: PipelineConfig, m: dict[str, Any]) -> list[str]:
+def teacher_words(cfg: PipelineConfig, task: Task) -> str:
+    """Who really wrote the data: a model through a backend, or the task's own reference answers."""
+    if cfg.generate.backend == "reference":
+        return f"reference answers of the `{task.name}` task ({task.reference_source}); no language-model teacher ran"
+    return f"teacher `{cfg.models.teacher}` through the `{cfg.generate.backend}` backend"
+
+
+def _generate(cfg: PipelineConfig, task: Task, m: dict[str, Any]) -> list[str]:
     counts = m["counts"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(m["reject_reasons"].items(), key=lambda kv: -kv[1])) or "none"
+    who = teacher_words(cfg, task)
     lines = [
         (
-            f"Teacher `{cfg.models.teacher}` through the `{m['backend']}` backend: {counts['train']} training, "
-            f"{counts['validation']} validation and {counts['test']} test examples (held-out profiles) from "
-            f"{counts['attempts']} attempts; acceptance {m['acceptance_rate']:.0%}; rejected for: {reasons}."
+            f"Written by {who}: {counts['train']} training, {counts['validation']} validation and {counts['test']} "
+            f"test examples (held-out groups, never trained on) from {counts['attempts']} attempts; acceptance "
+            f"{m['acceptance_rate']:.0%}; rejected for: {reasons}."
         ),
         "",
     ]
@@ -68,8 +77,9 @@ def _sizes(
     cfg: PipelineConfig, merge: dict[str, Any] | None, prune: dict[str, Any] | None, export: dict[str, Any] | None
 ) -> list[str]:
     lines = ["| artifact | parameters | bytes | vs teacher (bf16) |", "|---|---|---|---|"]
-    teacher = export["teacher_bf16_bytes"] if export else None
-    if export:
+    # only a teacher that wrote the data, with a known size, gets a row and a ratio
+    teacher = export.get("teacher_bf16_bytes") if export else None
+    if teacher:
         lines.append(f"| teacher (bf16) | {export['teacher_params']:,} | {teacher / MIB:,.1f} MiB | 1x |")
 
     def ratio(size: int) -> str:
@@ -120,12 +130,12 @@ def _sizes(
     return lines
 
 
-def _serve(m: dict[str, Any], report_md: Path) -> list[str]:
+def _serve(task: Task, m: dict[str, Any], report_md: Path) -> list[str]:
     lines = [
         (
             f"Plan: {m['instances_planned']} instances fit the GPU budget; {m['instances_started']} started here. "
-            f"Measured {m['programs_per_s']} programs/s, latency p50 {m['latency_p50_s']} s / p95 {m['latency_p95_s']} s, "
-            f"{m['valid_share']:.0%} of served programs valid; budget held: {'yes' if m['budget_held'] else 'no'}; "
+            f"Measured {m['answers_per_s']} {task.unit}s/s, latency p50 {m['latency_p50_s']} s / p95 {m['latency_p95_s']} s, "
+            f"{m['valid_share']:.0%} of served {task.unit}s valid; budget held: {'yes' if m['budget_held'] else 'no'}; "
             f"faster setup: {m['winner'].replace('_', ' ')}."
         ),
         "",
@@ -136,7 +146,7 @@ def _serve(m: dict[str, Any], report_md: Path) -> list[str]:
     return lines
 
 
-def _eval(cfg: PipelineConfig) -> list[str]:
+def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
     from distill.stages.eval import comparison_table, evaluated
 
     results = evaluated(cfg)
@@ -144,13 +154,14 @@ def _eval(cfg: PipelineConfig) -> list[str]:
         return _missing(cfg, "eval")
     lines = [
         (
-            f"{next(iter(results.values()))['programs']} held-out test profiles (never trained on), greedy decoding, "
-            f"up to {cfg.eval.max_new_tokens} new tokens; perplexity is on the teacher's responses to the same prompts."
+            f"{next(iter(results.values()))['answers']} held-out test inputs of the `{task.name}` task (their groups "
+            f"never trained on), greedy decoding, up to {cfg.eval.max_new_tokens} new tokens; perplexity is on the "
+            "teacher's responses to the same prompts."
         ),
         "",
-        comparison_table(results),
+        comparison_table(cfg, task, results),
     ]
-    if "teacher" in results and results["teacher"].get("teacher_acceptance_rate") is not None:
+    if "teacher" in results and results["teacher"].get("teacher_acceptance_rate") is not None and cfg.generate.backend != "reference":
         lines += [
             (
                 f"The teacher row scores the accepted test answers, so it is valid by construction; the teacher's own "
@@ -164,6 +175,7 @@ def _eval(cfg: PipelineConfig) -> list[str]:
 
 
 def render_report(cfg: PipelineConfig) -> str:
+    task = load_task(cfg)
     gen, train, merge = _metrics(cfg, "generate"), _metrics(cfg, "train"), _metrics(cfg, "merge")
     prune = _metrics(cfg, "prune") if cfg.prune.enabled else None
     export, serve = _metrics(cfg, "export"), _metrics(cfg, "serve")
@@ -175,12 +187,12 @@ def render_report(cfg: PipelineConfig) -> str:
     lines = [
         f"# {cfg.run_name}: distillation report",
         "",
-        f"Teacher `{cfg.models.teacher}` -> student `{cfg.models.student}`; config `{cfg.command_args}`.",
+        f"Task `{task.name}`; data by {teacher_words(cfg, task)}; student `{cfg.models.student}`; config `{cfg.command_args}`.",
         "Stage wall times: " + (", ".join(f"{s} {w / 60:.1f} min" for s, w in walls.items()) or "none yet") + ".",
         "",
         "## Data",
         "",
-        *(_generate(cfg, gen) if gen else _missing(cfg, "generate")),
+        *(_generate(cfg, task, gen) if gen else _missing(cfg, "generate")),
         "## Training",
         "",
         *(_train(cfg, train) if train else _missing(cfg, "train")),
@@ -189,10 +201,10 @@ def render_report(cfg: PipelineConfig) -> str:
         *(_sizes(cfg, merge, prune, export) if merge or export else _missing(cfg, "export")),
         "## Serving",
         "",
-        *(_serve(serve, stage_dir(cfg, "serve") / "report.md") if serve else _missing(cfg, "serve")),
+        *(_serve(task, serve, stage_dir(cfg, "serve") / "report.md") if serve else _missing(cfg, "serve")),
         "## Held-out quality",
         "",
-        *_eval(cfg),
+        *_eval(cfg, task),
     ]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -1,9 +1,9 @@
-"""Self-Instruct bootstrapping of free-form crew requests.
+"""Self-Instruct bootstrapping of free-form requests, with the templates of the task pack.
 
-Starting from the seed requests in data/, the teacher is shown k requests from the pool and asked for a
+Starting from the pack's seed requests, the teacher is shown k requests from the pool and asked for a
 new one; a candidate joins the pool only if its ROUGE-L F-measure against every request already there
 is below the threshold (0.7, as in Self-Instruct). Each task prompt then carries one request from the
-pool, so the data covers how crews actually ask, not only the structured profile.
+pool, so the data covers how users actually ask (for the crew pack: not only the structured profile).
 """
 
 from __future__ import annotations
@@ -16,18 +16,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from distill.config import PipelineConfig, resolve_path
+from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.tasks import SelfInstruct, Task
 
 log = logging.getLogger(__name__)
 _TOKEN = re.compile(r"\w+", re.UNICODE)
-
-ASK = (
-    "Here are requests that airline pilots and cabin crew sent to their fitness coach:\n{examples}\n"
-    "Write one new request from a different crew member, in the same style: who they are, how often "
-    "they can train, where, their goal and any health limits. Answer with the request only."
-)
-
 
 def rouge_l(a: str, b: str) -> float:
     """ROUGE-L F-measure on lower-cased word tokens (longest common subsequence)."""
@@ -47,8 +41,8 @@ def rouge_l(a: str, b: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def load_seeds(cfg: PipelineConfig) -> list[str]:
-    path = resolve_path(cfg.generate.self_instruct.seed_tasks, "data/seed_tasks.jsonl")
+def load_seeds(cfg: PipelineConfig, templates: SelfInstruct) -> list[str]:
+    path = cfg.generate.self_instruct.seed_tasks or templates.seeds
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -66,7 +60,7 @@ def load_seeds(cfg: PipelineConfig) -> list[str]:
     return seeds
 
 
-def grow_pool(cfg: PipelineConfig, teacher: Any, seeds: list[str]) -> tuple[list[str], dict[str, int]]:
+def grow_pool(cfg: PipelineConfig, teacher: Any, seeds: list[str], ask: str) -> tuple[list[str], dict[str, int]]:
     """Seeds plus up to `num_requests` new requests, each below the ROUGE-L threshold to all others."""
     from distill.teachers import strip_think
 
@@ -80,7 +74,7 @@ def grow_pool(cfg: PipelineConfig, teacher: Any, seeds: list[str]) -> tuple[list
         asks = []
         for _ in range(batch):
             shown = rng.sample(pool, si.in_context)
-            asks.append({"prompt": ASK.format(examples="\n".join(f"{i}. {r}" for i, r in enumerate(shown, 1)))})
+            asks.append({"prompt": ask.format(examples="\n".join(f"{i}. {r}" for i, r in enumerate(shown, 1)))})
         for completion in teacher.generate(asks):
             stats["asked"] += 1
             text = strip_think(completion.text)[0].strip().splitlines()
@@ -95,26 +89,15 @@ def grow_pool(cfg: PipelineConfig, teacher: Any, seeds: list[str]) -> tuple[list
     return pool, stats
 
 
-WITH_REQUEST = {
-    "en": 'The crew member also writes: "{request}" Where this differs from the profile, follow the profile.',
-    "ru": 'Член экипажа также пишет: «{request}» Где это расходится с профилем, следуйте профилю.',
-}
-
-
-def with_request(prompt: str, request: str, lang: str) -> str:
-    """The task prompt with the request after its opening line."""
-    head, _, rest = prompt.partition("\n")
-    return f"{head}\n{WITH_REQUEST[lang].format(request=request)}\n{rest}"
-
-
-def request_pool(cfg: PipelineConfig, folder: Path, teacher: Any) -> list[str]:
+def request_pool(cfg: PipelineConfig, task: Task, folder: Path, teacher: Any) -> list[str]:
     """The run's pool, bootstrapped once (under a lock, so shard jobs on a shared folder agree)."""
     path = folder / "requests.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".requests.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            pool, stats = grow_pool(cfg, teacher, load_seeds(cfg))
+            templates = task.self_instruct()
+            pool, stats = grow_pool(cfg, teacher, load_seeds(cfg, templates), templates.ask)
             log.info("self-instruct: %d new requests kept of %d asked (%d too similar)", stats["kept"], stats["asked"], stats["too_similar"])
             tmp = path.with_suffix(".partial")
             tmp.write_text("".join(json.dumps({"request": r}, ensure_ascii=False) + "\n" for r in pool), encoding="utf-8")

@@ -9,6 +9,7 @@ Qwen's, a SentencePiece BPE model with byte fallback for the student like Gemma'
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,13 @@ STUDENT_EMBED_STD = 0.1
 SPEC_FILE = "tiny_spec.json"  # what a folder was built from, so a changed spec triggers a rebuild
 
 
-def spec_json(spec: Any) -> str:
-    # The builder's own constants are part of what a folder was built from.
-    return json.dumps({**spec.model_dump(), "student_embed_std": STUDENT_EMBED_STD}, indent=2, sort_keys=True)
+def spec_json(spec: Any, texts: list[str]) -> str:
+    # The builder's own constants and the tokenizer corpus (the task's text) are part of what a folder
+    # was built from: another task needs other tokenizers.
+    corpus = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    return json.dumps(
+        {**spec.model_dump(), "student_embed_std": STUDENT_EMBED_STD, "corpus_sha256": corpus}, indent=2, sort_keys=True
+    )
 
 
 def _teacher_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -254,5 +259,5 @@ def build_tiny_models(out_dir: Path, texts: list[str], spec: Any) -> dict[str, P
         _save(Gemma3ForCausalLM, student_cfg, student_tok, student_dir, eos, spec.seed + 1, embed_std=STUDENT_EMBED_STD)
 
     for folder in (teacher_dir, student_dir):
-        (folder / SPEC_FILE).write_text(spec_json(spec))
+        (folder / SPEC_FILE).write_text(spec_json(spec, texts))
     return {"teacher": teacher_dir, "student": student_dir}

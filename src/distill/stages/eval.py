@@ -1,8 +1,8 @@
-"""Held-out quality of any model of the run, on test profiles never seen in training.
+"""Held-out quality of any model of the run, on test inputs whose groups were never trained on.
 
-For each model: validity and the rate of every violated check, agreement with the teacher on the same
-prompts (split structure, exercise overlap), perplexity on the teacher's held-out responses, latency
-per program. Each model gets `<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}` compares every
+For each model, through the task's interface: validity and the rate of every violated check, the
+quality score, agreement with the teacher's answer to the same prompt (the task's own metrics),
+perplexity on the teacher's held-out responses, latency per answer. Each model gets `<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}` compares every
 model evaluated so far. Generations are appended one fsync'd line at a time, so an interrupted
 evaluation resumes where it stopped.
 """
@@ -29,6 +29,7 @@ from distill.artifacts import (
 )
 from distill.config import EVAL_MODELS, PipelineConfig
 from distill.errors import DistillError
+from distill.tasks import Task, load_task, quality_score
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +63,15 @@ def test_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     return [split[i] for i in range(min(cfg.eval.num_prompts, len(split)))]
 
 
-def score(text: str, row: dict[str, Any], catalog: Any) -> dict[str, Any]:
-    """The task's checks on one program, and how it agrees with the teacher's answer to the same prompt."""
-    from distill.task import LoggedWorkout, Profile, check_program, parse_program, quality_score
-    from distill.task.program import ProgramParseError
-
-    history = [LoggedWorkout.from_dict(w) for w in json.loads(row["history"])]
-    violations = check_program(text, Profile.from_dict(json.loads(row["profile"])), catalog, history)
-    agreement = {"split_match": False, "exercise_overlap": 0.0}
-    try:
-        ours, theirs = parse_program(text), parse_program(row["response"])
-    except ProgramParseError:
-        pass
-    else:
-        agreement["split_match"] = [w.focus for w in ours.workouts] == [w.focus for w in theirs.workouts]
-        mine = {p.exercise_id for w in ours.workouts for p in w.exercises}
-        reference = {p.exercise_id for w in theirs.workouts for p in w.exercises}
-        agreement["exercise_overlap"] = len(mine & reference) / len(mine | reference) if mine | reference else 1.0
+def score(text: str, row: dict[str, Any], task: Task) -> dict[str, Any]:
+    """The task's checks on one answer, and how it agrees with the teacher's answer to the same prompt."""
+    payload = json.loads(row["payload"])
+    violations = task.check(text, payload)
     return {
         "valid": not violations,
         "violations": sorted({v.check for v in violations}),
-        "quality": quality_score(violations),
-        **agreement,
+        "quality": quality_score(violations, task.weights),
+        "agreement": task.agreement(text, row["response"], payload),
     }
 
 
@@ -224,19 +212,16 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return {record["id"]: record for _, record in read_records(path)}
 
 
-def evaluate(cfg: PipelineConfig, model: str, rows: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+def evaluate(cfg: PipelineConfig, task: Task, model: str, rows: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
     """Generate and score every test prompt not yet in the records file; returns all records."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from distill.task import load_catalog
-
-    catalog = load_catalog(cfg.task.catalog)
     path = folder / RECORDS
     done = _read_done(path)
     todo = [r for r in rows if r["id"] not in done]
     if model == "teacher":  # the teacher's answers are the test split itself
         records = [
-            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, catalog)} for r in todo
+            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, task)} for r in todo
         ]
         _append(path, records)
         return [{**done, **{r["id"]: r for r in records}}[r["id"]] for r in rows]
@@ -257,18 +242,18 @@ def evaluate(cfg: PipelineConfig, model: str, rows: list[dict[str, Any]], folder
     columns = (TextColumn(f"eval {model}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns) as progress:
-            task = progress.add_task("eval", total=len(rows), completed=len(rows) - len(todo))
+            bar = progress.add_task("eval", total=len(rows), completed=len(rows) - len(todo))
             for row, prompt_ids, answer in encoded:
                 start = time.perf_counter()
                 text, tokens = runner.generate(prompt_ids)
                 latency = time.perf_counter() - start
                 record = {
                     "id": row["id"], "split": "test", "text": text, "tokens": tokens, "latency_s": round(latency, 4),
-                    "nll": runner.nll(prompt_ids, answer), "answer_tokens": len(answer), **score(text, row, catalog),
+                    "nll": runner.nll(prompt_ids, answer), "answer_tokens": len(answer), **score(text, row, task),
                 }  # fmt: skip
                 _append(path, [record])
                 done[row["id"]] = record
-                progress.advance(task)
+                progress.advance(bar)
     finally:
         if close is not None:
             close()
@@ -282,18 +267,15 @@ def _append(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(out.fileno())
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rates over the evaluated programs; perplexity over all teacher-response tokens together."""
-    from distill.task import CHECKS
-
+def summarize(records: list[dict[str, Any]], task: Task) -> dict[str, Any]:
+    """Rates over the evaluated answers; perplexity over all teacher-response tokens together."""
     n = len(records)
     out: dict[str, Any] = {
-        "programs": n,
+        "answers": n,
         "validity": sum(r["valid"] for r in records) / n,
         "mean_quality": sum(r["quality"] for r in records) / n,
-        "violation_rates": {c: sum(c in r["violations"] for r in records) / n for c in CHECKS},
-        "teacher_split_match": sum(r["split_match"] for r in records) / n,
-        "teacher_exercise_overlap": sum(r["exercise_overlap"] for r in records) / n,
+        "violation_rates": {c: sum(c in r["violations"] for r in records) / n for c in task.weights},
+        "agreement": {m: sum(r["agreement"][m] for r in records) / n for m in task.agreement_titles},
     }
     if records and "nll" in records[0]:
         tokens = sum(r["answer_tokens"] for r in records)
@@ -334,12 +316,13 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     require_input(cfg, EVAL_MODELS[model])
     if prepare_output(cfg, stage, overwrite) == "skip":
         log.info("eval %s: complete, skipping (%s)", model, folder)
-        write_comparison(cfg)
+        write_comparison(cfg, load_task(cfg))
         return folder
     log.info("eval config: %s", cfg.eval.model_dump())
+    task = load_task(cfg)
     record = StageRecord(cfg, stage, inputs=tuple(dict.fromkeys(("generate", EVAL_MODELS[model]))))
     rows = test_rows(cfg)
-    summary = summarize(evaluate(cfg, model, rows, folder))
+    summary = summarize(evaluate(cfg, task, model, rows, folder), task)
     summary["size_bytes"] = model_size(cfg, model)
     if model == "teacher":
         generated = read_manifest(stage_dir(cfg, "generate"))["metrics"]
@@ -347,13 +330,13 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
         summary["teacher_acceptance_rate"] = generated.get("acceptance_rate")
     record.metrics = summary
     record.files = {"generations": RECORDS}
-    atomic_write_text(folder / "summary.md", render_summary(model, summary))
+    atomic_write_text(folder / "summary.md", render_summary(cfg, task, model, summary))
     log.info(
-        "eval %s: %d programs, %.0f%% valid, quality %.2f%s", model, summary["programs"], 100 * summary["validity"],
+        "eval %s: %d %ss, %.0f%% valid, quality %.2f%s", model, summary["answers"], task.unit, 100 * summary["validity"],
         summary["mean_quality"], f", perplexity {summary['perplexity']:.2f}" if "perplexity" in summary else "",
     )  # fmt: skip
     out = record.finish()
-    write_comparison(cfg)
+    write_comparison(cfg, task)
     return out
 
 
@@ -376,57 +359,70 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-COLUMNS = (
-    ("validity", "valid", "pct"), ("mean_quality", "quality", "num"), ("teacher_split_match", "split = teacher", "pct"),
-    ("teacher_exercise_overlap", "exercise overlap", "pct"), ("perplexity", "perplexity", "num"),
-    ("latency_s_mean", "s / program", "num"), ("tokens_per_s", "tokens/s", "num"), ("size_bytes", "size", "bytes"),
-)  # fmt: skip
+def describe(cfg: PipelineConfig, model: str) -> str:
+    """How a model is named in tables and plots; the teacher row is whoever wrote the data."""
+    if model == "teacher" and cfg.generate.backend == "reference":
+        return "reference answers (held-out)"
+    return DESCRIPTIONS[model]
 
 
-def comparison_table(results: dict[str, dict[str, Any]]) -> str:
-    from distill.task import CHECKS
+def columns(task: Task) -> list[tuple[str, str, str]]:
+    """(summary key, title, format) of the comparison table; agreement keys are `agreement.<metric>`."""
+    return [
+        ("validity", "valid", "pct"), ("mean_quality", "quality", "num"),
+        *((f"agreement.{m}", title, "pct") for m, title in task.agreement_titles.items()),
+        ("perplexity", "perplexity", "num"), ("latency_s_mean", f"s / {task.unit}", "num"),
+        ("tokens_per_s", "tokens/s", "num"), ("size_bytes", "size", "bytes"),
+    ]  # fmt: skip
 
+
+def _get(summary: dict[str, Any], key: str) -> Any:
+    section, _, metric = key.partition(".")
+    return summary.get(section, {}).get(metric) if metric else summary.get(key)
+
+
+def comparison_table(cfg: PipelineConfig, task: Task, results: dict[str, dict[str, Any]]) -> str:
+    cols = columns(task)
     lines = [
-        "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| model | " + " | ".join(title for _, title, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
     ]
     for m, s in results.items():
-        lines.append(f"| {DESCRIPTIONS[m]} | " + " | ".join(_fmt(s.get(k), kind) for k, _, kind in COLUMNS) + " |")
-    seen = [c for c in CHECKS if any(s["violation_rates"].get(c) for s in results.values())]
+        lines.append(f"| {describe(cfg, m)} | " + " | ".join(_fmt(_get(s, k), kind) for k, _, kind in cols) + " |")
+    seen = [c for c in task.weights if any(s["violation_rates"].get(c) for s in results.values())]
     if seen:
         lines += [
             "",
-            "Share of programs with each violation:",
+            f"Share of {task.unit}s with each violation:",
             "",
             "| model | " + " | ".join(seen) + " |",
             "|---|" + "---|" * len(seen),
         ]
         for m, s in results.items():
-            lines.append(f"| {DESCRIPTIONS[m]} | " + " | ".join(f"{s['violation_rates'][c]:.0%}" for c in seen) + " |")
+            lines.append(f"| {describe(cfg, m)} | " + " | ".join(f"{s['violation_rates'].get(c, 0):.0%}" for c in seen) + " |")
     return "\n".join(lines) + "\n"
 
 
-def render_summary(model: str, summary: dict[str, Any]) -> str:
-    return f"# Held-out evaluation: {DESCRIPTIONS[model]}\n\n" + comparison_table({model: summary})
+def render_summary(cfg: PipelineConfig, task: Task, model: str, summary: dict[str, Any]) -> str:
+    return f"# Held-out evaluation: {describe(cfg, model)}\n\n" + comparison_table(cfg, task, {model: summary})
 
 
-def plot_comparison(results: dict[str, dict[str, Any]], target: Path) -> None:
+def plot_comparison(cfg: PipelineConfig, task: Task, results: dict[str, dict[str, Any]], target: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    metrics = (("validity", "valid"), ("mean_quality", "quality"), ("teacher_split_match", "split = teacher"),
-               ("teacher_exercise_overlap", "exercise overlap"))  # fmt: skip
+    metrics = [(k, title) for k, title, _ in columns(task)[: 2 + len(task.agreement_titles)]]
     x = np.arange(len(metrics))
     width = 0.8 / max(1, len(results))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, (m, s) in enumerate(results.items()):
-        ax.bar(x + i * width, [s[k] for k, _ in metrics], width, label=DESCRIPTIONS[m])
+        ax.bar(x + i * width, [_get(s, k) for k, _ in metrics], width, label=describe(cfg, m))
     ax.set_xticks(x + width * (len(results) - 1) / 2, [title for _, title in metrics])
     ax.set_ylim(0, 1.05)
-    ax.set_title("held-out test profiles")
+    ax.set_title(f"{task.name}: held-out test inputs")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -434,10 +430,10 @@ def plot_comparison(results: dict[str, dict[str, Any]], target: Path) -> None:
     plt.close(fig)
 
 
-def write_comparison(cfg: PipelineConfig) -> None:
+def write_comparison(cfg: PipelineConfig, task: Task) -> None:
     results = evaluated(cfg)
     if not results:
         return
     folder = stage_dir(cfg, "eval")
-    atomic_write_text(folder / "comparison.md", "# Held-out evaluation\n\n" + comparison_table(results))
-    plot_comparison(results, folder / "comparison.png")
+    atomic_write_text(folder / "comparison.md", "# Held-out evaluation\n\n" + comparison_table(cfg, task, results))
+    plot_comparison(cfg, task, results, folder / "comparison.png")

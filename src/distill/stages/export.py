@@ -195,6 +195,20 @@ def source_stage(cfg: PipelineConfig) -> str:
     return "prune" if cfg.prune.enabled else "merge"
 
 
+def known_teacher_params(cfg: PipelineConfig) -> int | None:
+    """The teacher's size where a model wrote the data and its architecture is at hand (an API teacher
+    without `models.teacher_arch` has none): the compression ratio is reported only then."""
+    if cfg.generate.backend == "reference":
+        return None
+    from distill.plan import meta_model
+
+    try:
+        return sum(p.numel() for p in meta_model(cfg, "teacher").parameters())
+    except (DistillError, OSError, ValueError) as exc:
+        log.info("export: teacher size unknown (%s); no compression ratio", str(exc).splitlines()[0])
+        return None
+
+
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     from transformers import AutoTokenizer
 
@@ -245,19 +259,22 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         record.metrics["int8_verification"] = int8_checks
 
     safetensors = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    teacher_params = sum(p.numel() for p in meta_model(cfg, "teacher").parameters())
+    teacher_params = known_teacher_params(cfg)
     student_params = sum(p.numel() for p in meta_model(cfg, "student").parameters())
     record.metrics |= {
         "source": source,
         **written,
         "safetensors_bytes": safetensors,
         "gguf_vs_safetensors": round(written["file_bytes"] / safetensors, 4),
-        "teacher_params": teacher_params,
         "student_params": student_params,
-        "teacher_bf16_bytes": teacher_params * 2,
-        "compression_vs_teacher_bf16": round(teacher_params * 2 / written["file_bytes"], 1),
         "verification": checks,
     }
+    if teacher_params is not None:
+        record.metrics |= {
+            "teacher_params": teacher_params,
+            "teacher_bf16_bytes": teacher_params * 2,
+            "compression_vs_teacher_bf16": round(teacher_params * 2 / written["file_bytes"], 1),
+        }
     log.info(
         "export: %s, %.1f MiB; tokenization match %.0f%%, top-1 %.0f%%, max |Δlogit| %.3g",
         target.name, written["file_bytes"] / 2**20, 100 * checks["tokenization_match"], 100 * checks["top1_agreement"],

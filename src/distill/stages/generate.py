@@ -1,10 +1,9 @@
 """Stage 1: the teacher writes the training data.
 
-Work is a deterministic list of task instances per split, each with a stable id from (seed, stream,
-index). Accepted and rejected records are appended to JSONL shard files, one write per batch, so a
-crash or kill -9 loses at most the batch in flight; re-running continues after the last record. Held-out
-profiles (validation, test) come from their own index streams, and a training instance whose profile
-is reserved for them is skipped, so no held-out profile is ever trained on.
+Work is the task's deterministic list of inputs per split, each with a stable id. Accepted and rejected
+records are appended to JSONL shard files, one write per batch, so a crash or kill -9 loses at most the
+batch in flight; re-running continues after the last record. A training input whose group (the crew
+task's profile, say) any held-out attempt may use is skipped, so no held-out group is ever trained on.
 """
 
 from __future__ import annotations
@@ -27,12 +26,11 @@ from distill.config import PipelineConfig
 from distill.dedup import NearDuplicateIndex
 from distill.errors import DistillError
 from distill.models import ensure_models
+from distill.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("validation", "test", "train")  # held-out first: they are small and fix the reserved profiles
-STREAM = {"train": 0, "validation": 1, "test": 2}
-STREAM_SEED_OFFSET = 7919  # held-out streams sample profiles with their own seeds
+SPLITS = ("validation", "test", "train")  # held-out first: they are small and fix the reserved groups
 
 
 @dataclass(frozen=True)
@@ -70,24 +68,27 @@ def attempt_budget(cfg: PipelineConfig, quota: int) -> int:
     return math.ceil(quota * cfg.generate.max_attempts_factor)
 
 
-def stream_seed(cfg: PipelineConfig, split: str) -> int:
-    return cfg.seed + STREAM[split] * STREAM_SEED_OFFSET
-
-
-def example_id(cfg: PipelineConfig, split: str, index: int) -> str:
-    return f"s{cfg.seed}-{split}-{index:08d}"
-
-
-def reserved_profiles(cfg: PipelineConfig, shard: Shard, splits: tuple[str, ...]) -> set[str]:
-    """Profile hashes any attempt of these held-out splits may use, across all shards."""
-    from distill.task import sample_profile
-
-    hashes: set[str] = set()
+def reserved_groups(cfg: PipelineConfig, task: Task, shard: Shard, splits: tuple[str, ...]) -> set[str]:
+    """Groups any attempt of these held-out splits may use, across all shards."""
+    groups: set[str] = set()
     for split in splits:
         total = requested(cfg)[split]
         span = shard.count * max((attempt_budget(cfg, shard_quota(total, Shard(k, shard.count))) for k in range(shard.count)), default=0)
-        hashes |= {sample_profile(stream_seed(cfg, split), i).profile_hash() for i in range(span)}
-    return hashes
+        for index in range(span):
+            example = task.example(split, index)
+            if example is None:
+                break
+            groups.add(example.group)
+    return groups
+
+
+def check_sizes(cfg: PipelineConfig, task: Task) -> None:
+    """A task with a fixed set of inputs must hold at least as many as are asked for."""
+    keys = {"train": "generate.num_examples", "validation": "generate.validation_examples", "test": "generate.test_examples"}
+    for split, total in requested(cfg).items():
+        size = task.size(split)
+        if size is not None and total > size:
+            raise DistillError(f"{keys[split]}={total} but task '{task.name}' has only {size} {split} inputs; lower it or add inputs")
 
 
 @dataclass
@@ -140,27 +141,25 @@ def load_state(path: Path) -> ShardState:
 
 
 def split_candidates(
-    cfg: PipelineConfig, shard: Shard, split: str, state: ShardState, catalog: Any, blocked: set[str],
+    cfg: PipelineConfig, task: Task, shard: Shard, split: str, state: ShardState, blocked: set[str],
     requests: list[str] | None,
 ) -> Iterator[dict[str, Any]]:
-    """This shard's untried instances of one split, in index order, within its attempt budget."""
-    from distill.selfinstruct import with_request
-    from distill.task import make_instance, sample_profile
-
-    seed = stream_seed(cfg, split)
+    """This shard's untried inputs of one split, in index order, within its attempt budget."""
     budget = attempt_budget(cfg, shard_quota(requested(cfg)[split], shard)) - state.attempts[split]
     index = shard.index
     while budget > 0:
-        if (split, index) not in state.done and sample_profile(seed, index).profile_hash() not in blocked:
-            inst = make_instance(
-                seed, index, catalog, lang=cfg.task.language, catalog_mode=cfg.task.catalog_mode,
-                history_len=cfg.task.history_len,
-            )  # fmt: skip
-            inst.update(id=example_id(cfg, split, index), split=split)
+        example = None if (split, index) in state.done else task.example(split, index)
+        if example is None and (split, index) not in state.done:
+            return  # the task has no more inputs for this split
+        if example is not None and example.group not in blocked:
+            prompt = example.prompt
             if requests:
-                inst["prompt"] = with_request(inst["prompt"], requests[index % len(requests)], cfg.task.language)
+                prompt = task.self_instruct().with_request(prompt, requests[index % len(requests)])
             budget -= 1
-            yield inst
+            yield {
+                "id": example.id, "split": split, "index": index, "group": example.group, "payload": example.payload,
+                "prompt": prompt, "reference": example.reference,
+            }  # fmt: skip
         index += shard.count
 
 
@@ -174,9 +173,8 @@ def next_batch(cfg: PipelineConfig, shard: Shard, state: ShardState, candidates:
     return batch
 
 
-def judge(completion_text: str, inst: dict[str, Any], catalog: Any, dedup: NearDuplicateIndex) -> tuple[str, list[str], str, int]:
+def judge(completion_text: str, inst: dict[str, Any], task: Task, dedup: NearDuplicateIndex) -> tuple[str, list[str], str, int]:
     """(status, reasons, answer, think blocks) for one teacher answer."""
-    from distill.task import LoggedWorkout, Profile, check_program
     from distill.teachers import strip_think
 
     answer, blocks, only_reasoning = strip_think(completion_text)
@@ -184,8 +182,7 @@ def judge(completion_text: str, inst: dict[str, Any], catalog: Any, dedup: NearD
         return "rejected", ["only_reasoning"], answer, blocks
     if not answer:
         return "rejected", ["empty"], answer, blocks
-    history = [LoggedWorkout.from_dict(w) for w in inst["history"]]
-    violations = check_program(answer, Profile.from_dict(inst["profile"]), catalog, history)
+    violations = task.check(answer, inst["payload"])
     if violations:
         return "rejected", sorted({v.check for v in violations}), answer, blocks
     if dedup.is_duplicate(answer):
@@ -194,40 +191,38 @@ def judge(completion_text: str, inst: dict[str, Any], catalog: Any, dedup: NearD
     return "accepted", [], answer, blocks
 
 
-def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
+def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> ShardState:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from distill.task import load_catalog
     from distill.teachers import make_teacher
 
     shard_dir = folder / "shards" / shard.name
     shard_dir.mkdir(parents=True, exist_ok=True)
     records_path = shard_dir / "records.jsonl"
     state = load_state(records_path)
-    catalog = load_catalog(cfg.task.catalog)
     dedup = NearDuplicateIndex(cfg.generate.dedup_jaccard)
     for record in state.accepted_records:
         dedup.add(record["response"])
     target = sum(shard_quota(total, shard) for total in requested(cfg).values())
-    validation = reserved_profiles(cfg, shard, ("validation",))
-    blocked = {"validation": set(), "test": validation, "train": validation | reserved_profiles(cfg, shard, ("test",))}
+    validation = reserved_groups(cfg, task, shard, ("validation",))
+    blocked = {"validation": set(), "test": validation, "train": validation | reserved_groups(cfg, task, shard, ("test",))}
     if not has_work(cfg, shard, state):
         return state
     columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())  # fmt: skip
-    teacher = make_teacher(cfg)
+    teacher = make_teacher(cfg, task)
     try:
         requests = None
         if cfg.generate.self_instruct.enabled:
             from distill.selfinstruct import request_pool
 
-            requests = request_pool(cfg, folder, teacher)
-        candidates = {s: split_candidates(cfg, shard, s, state, catalog, blocked[s], requests) for s in SPLITS}
+            requests = request_pool(cfg, task, folder, teacher)
+        candidates = {s: split_candidates(cfg, task, shard, s, state, blocked[s], requests) for s in SPLITS}
         pending = next_batch(cfg, shard, state, candidates)
         tokens = 0
         started = time.perf_counter()
         with Progress(*columns, transient=False) as progress, records_path.open("a", encoding="utf-8") as out:
-            task = progress.add_task(shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0)
+            bar = progress.add_task(shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0)
             while pending:
                 batch_start = time.perf_counter()
                 completions = teacher.generate(pending)
@@ -235,11 +230,11 @@ def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
                 batch_id = f"{shard.name}/{pending[0]['id']}"
                 lines = []
                 for inst, completion in zip(pending, completions):
-                    status, reasons, answer, blocks = judge(completion.text, inst, catalog, dedup)
+                    status, reasons, answer, blocks = judge(completion.text, inst, task, dedup)
                     record = {
                         "id": inst["id"], "split": inst["split"], "index": inst["index"], "status": status,
-                        "reasons": reasons, "profile_hash": inst["profile_hash"], "profile": inst["profile"],
-                        "history": inst["history"], "prompt": inst["prompt"], "response": answer,
+                        "reasons": reasons, "group": inst["group"], "payload": inst["payload"],
+                        "prompt": inst["prompt"], "response": answer,
                         "raw": completion.text if completion.text != answer else None,
                         "think_blocks": blocks, "output_tokens": completion.output_tokens, "batch": batch_id, "batch_s": round(wall, 4),
                     }  # fmt: skip
@@ -255,7 +250,7 @@ def run_shard(cfg: PipelineConfig, shard: Shard, folder: Path) -> ShardState:
                 os.fsync(out.fileno())
                 attempts = sum(state.attempts.values())
                 progress.update(
-                    task, completed=sum(state.accepted.values()), rate=sum(state.accepted.values()) / max(attempts, 1),
+                    bar, completed=sum(state.accepted.values()), rate=sum(state.accepted.values()) / max(attempts, 1),
                     tps=tokens / max(time.perf_counter() - started, 1e-9),
                 )  # fmt: skip
                 pending = next_batch(cfg, shard, state, candidates)
@@ -295,6 +290,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
     part = Shard.parse(shard)
     if merge_shards and shard is not None:
         raise DistillError("--merge-shards combines finished shards; run it without --shard")
+    task = load_task(cfg)  # a broken task fails here, before anything on disk is touched
+    check_sizes(cfg, task)
+    if cfg.generate.self_instruct.enabled and task.self_instruct() is None:
+        raise DistillError(f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off")
     if shard is not None and overwrite:
         shutil.rmtree(folder / "shards" / part.name, ignore_errors=True)
     action = prepare_output(cfg, "generate", overwrite and shard is None and not merge_shards)
@@ -302,12 +301,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         log.info("generate: complete, skipping (%s)", folder)
         return folder
     log.info("generate config: %s", cfg.generate.model_dump())
-    if cfg.generate.self_instruct.enabled and cfg.generate.backend == "rules":
-        raise DistillError("generate.self_instruct.enabled needs a language-model teacher; the rules backend cannot write requests")
+    if cfg.generate.self_instruct.enabled and cfg.generate.backend == "reference":
+        raise DistillError("generate.self_instruct.enabled needs a language-model teacher; the reference backend cannot write requests")
     if merge_shards:
         return merge(cfg, folder)
     ensure_models(cfg)
-    state = run_shard(cfg, part, folder)
+    state = run_shard(cfg, task, part, folder)
     if not shard_complete(cfg, part, state):
         raise DistillError(_shortfall_message(cfg, part, state))
     atomic_write_json(folder / "shards" / part.name / "done.json", {"accepted": dict(state.accepted), "attempts": dict(state.attempts)})
@@ -341,10 +340,10 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
     for split, total in requested(cfg).items():
         if len(accepted[split]) != total:
             raise DistillError(f"generate: {split} has {len(accepted[split])} accepted examples, expected {total}; re-run the shards")
-    train_profiles = {r["profile_hash"] for r in accepted["train"]}
-    leaked = [r["id"] for s in ("validation", "test") for r in accepted[s] if r["profile_hash"] in train_profiles]
+    train_groups = {r["group"] for r in accepted["train"]}
+    leaked = [r["id"] for s in ("validation", "test") for r in accepted[s] if r["group"] in train_groups]
     if leaked:
-        raise DistillError(f"generate: held-out examples share a profile with train ({leaked[0]}, ...); re-run with --overwrite")
+        raise DistillError(f"generate: held-out examples share a group with train ({leaked[0]}, ...); re-run with --overwrite")
 
     save_dataset(accepted, folder / "dataset")
     with (folder / "rejected.jsonl").open("w", encoding="utf-8") as fh:
@@ -361,14 +360,15 @@ def save_dataset(accepted: dict[str, list[dict[str, Any]]], target: Path) -> Non
     from datasets import Dataset, DatasetDict, disable_progress_bars
 
     disable_progress_bars()
-    columns = ("id", "index", "profile_hash", "profile", "history", "prompt", "response")
+    # one encoding of a row for every task; the payload is JSON text (its shape is the pack's business)
+    columns = ("id", "index", "group", "payload", "prompt", "response")
 
     def rows(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
         records = sorted(records, key=lambda r: r["index"])
         out: dict[str, list[Any]] = {c: [] for c in columns}
         for r in records:
             for c in columns:
-                out[c].append(json.dumps(r[c], ensure_ascii=False) if c in ("profile", "history") else r[c])
+                out[c].append(json.dumps(r[c], ensure_ascii=False) if c == "payload" else r[c])
         return out
 
     tmp = target.with_name(target.name + ".partial")

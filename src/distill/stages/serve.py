@@ -2,7 +2,7 @@
 
 Plan: n = floor(V_GPU / (V_small + V_batch)), every term in bytes with its source. Check: start n real
 OpenAI-compatible llama.cpp servers on the exported GGUF, drive held-out prompts through all of them
-at once, measure memory, latency, throughput and program validity, then compare against one instance
+at once, measure memory, latency, throughput and answer validity (the task's checks), then compare against one instance
 taking the same load, and always stop every process started.
 """
 
@@ -28,6 +28,7 @@ from distill.artifacts import StageRecord, atomic_write_json, atomic_write_text,
 from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.stages.export import llama_cpp
+from distill.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
@@ -342,16 +343,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def drive_load(targets: list[Instance], requests: list[dict[str, Any]], concurrency: int, cfg: PipelineConfig) -> dict[str, Any]:
+def drive_load(
+    targets: list[Instance], requests: list[dict[str, Any]], concurrency: int, cfg: PipelineConfig, task: Task
+) -> dict[str, Any]:
     """Send every request once, spread round-robin over the targets with `concurrency` in flight,
     sampling each server's memory meanwhile. Returns latency, throughput and validity."""
     import threading
 
     import httpx
 
-    from distill.task import LoggedWorkout, Profile, check_program, is_valid, load_catalog
-
-    catalog = load_catalog(cfg.task.catalog)
     stop_sampling = threading.Event()
 
     def sample() -> None:
@@ -376,8 +376,7 @@ def drive_load(targets: list[Instance], requests: list[dict[str, Any]], concurre
             raise DistillError(f"serve: instance on port {inst.port} answered HTTP {response.status_code}: {response.text[:200]}")
         data = response.json()
         text = data["choices"][0]["message"]["content"] or ""
-        history = [LoggedWorkout.from_dict(w) for w in json.loads(req["history"])]
-        valid = is_valid(check_program(text, Profile.from_dict(json.loads(req["profile"])), catalog, history))
+        valid = not task.check(text, json.loads(req["payload"]))
         inst.latencies.append(latency)
         return {"latency": latency, "tokens": data.get("usage", {}).get("completion_tokens", 0), "valid": valid}
 
@@ -403,7 +402,7 @@ def drive_load(targets: list[Instance], requests: list[dict[str, Any]], concurre
             "p95": round(_percentile(latencies, 95), 4),
             "max": round(max(latencies), 4),
         },
-        "programs_per_s": round(len(results) / wall, 3),
+        "answers_per_s": round(len(results) / wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
         "completion_tokens": tokens,
         "valid_share": round(sum(r["valid"] for r in results) / len(results), 4),
@@ -417,7 +416,7 @@ def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
     dataset = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
     split = dataset["test"] if len(dataset["test"]) else dataset["validation"]
     rows = [split[i % len(split)] for i in range(count)]
-    return [{"prompt": r["prompt"], "profile": r["profile"], "history": r["history"]} for r in rows]
+    return [{"prompt": r["prompt"], "payload": r["payload"]} for r in rows]
 
 
 def find_gguf(cfg: PipelineConfig) -> Path:
@@ -485,16 +484,18 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             f"instance: it needs {need / MIB:,.0f} MiB, {(need - plan['v_gpu_bytes']) / MIB:,.0f} MiB missing"
         )
     started = min(plan["instances"], cfg.serve.max_instances or plan["instances"])
+    task = load_task(cfg)
     requests = _held_out_requests(cfg, cfg.serve.requests)
     log.info("serve: plan says %d instances; starting %d on this machine", plan["instances"], started)
     with instances(cfg, model, started, log_dir) as fleet:
-        multi = drive_load(fleet, requests, started * cfg.serve.parallel, cfg)
+        multi = drive_load(fleet, requests, started * cfg.serve.parallel, cfg, task)
     with instances(cfg, model, 1, log_dir) as single:
-        one = drive_load(single, requests, started * cfg.serve.parallel, cfg)
+        one = drive_load(single, requests, started * cfg.serve.parallel, cfg, task)
 
     measured_total = sum(multi["peak_rss_bytes"])
     slot = plan["v_small_bytes"] + plan["v_batch_bytes"]
     report = {
+        "unit": task.unit,
         "backend": cfg.serve.backend,
         "device": _device(cfg),
         "estimate": estimate,
@@ -507,14 +508,14 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         # The plan holds when every instance stayed inside its slot (V_small + V_batch) and all together
         # inside V_GPU.
         "budget_held": max(multi["peak_rss_bytes"]) <= slot and measured_total <= plan["v_gpu_bytes"],
-        "winner": "multi_instance" if multi["programs_per_s"] >= one["programs_per_s"] else "single_instance",
+        "winner": "multi_instance" if multi["answers_per_s"] >= one["answers_per_s"] else "single_instance",
     }
     atomic_write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", render_report(report))
     record.metrics = {k: report[k] for k in ("instances_started", "measured_total_bytes", "budget_held", "winner")}
     record.metrics.update(
         instances_planned=plan["instances"],
-        programs_per_s=multi["programs_per_s"],
+        answers_per_s=multi["answers_per_s"],
         latency_p50_s=multi["latency_s"]["p50"],
         latency_p95_s=multi["latency_s"]["p95"],
         valid_share=multi["valid_share"],
@@ -536,19 +537,19 @@ def render_report(report: dict[str, Any]) -> str:
         f"Planned {planned} instances; started {started} here"
         + (" (capped by serve.max_instances)." if started < planned else "."),
         "",
-        "| setup | programs/s | tokens/s | p50 s | p95 s | max s | valid | peak memory |",
+        f"| setup | {report['unit']}s/s | tokens/s | p50 s | p95 s | max s | valid | peak memory |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, res in ((f"{started} instances x 1 sequence", multi), (f"1 instance, {multi['concurrency']} in flight", one)):
         lat = res["latency_s"]
         lines.append(
-            f"| {name} | {res['programs_per_s']} | {res['tokens_per_s']} | {lat['p50']} | {lat['p95']} | {lat['max']} "
+            f"| {name} | {res['answers_per_s']} | {res['tokens_per_s']} | {lat['p50']} | {lat['p95']} | {lat['max']} "
             f"| {res['valid_share']:.0%} | {sum(res['peak_rss_bytes']) / MIB:,.0f} MiB |"
         )
     winner = "several single-sequence instances" if report["winner"] == "multi_instance" else "one instance"
     lines += [
         "",
-        f"More programs/s: **{winner}** on the same load.",
+        f"More {report['unit']}s/s: **{winner}** on the same load.",
         f"Budget held: **{'yes' if report['budget_held'] else 'no'}** — largest instance "
         f"{max(multi['peak_rss_bytes']) / MIB:,.0f} MiB against a slot of {report['slot_bytes'] / MIB:,.0f} MiB "
         f"(V_small + V_batch); {started} instances together {report['measured_total_bytes'] / MIB:,.0f} MiB "

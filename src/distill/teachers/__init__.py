@@ -41,12 +41,12 @@ def strip_think(text: str) -> tuple[str, int, bool]:
     return answer, blocks, blocks > 0 and not answer
 
 
-def make_teacher(cfg: PipelineConfig) -> Teacher:
+def make_teacher(cfg: PipelineConfig, task: Any) -> Teacher:
     backend = cfg.generate.backend
-    if backend == "rules":
-        from distill.teachers.rules import RulesTeacher
+    if backend == "reference":
+        from distill.teachers.reference import ReferenceTeacher
 
-        return RulesTeacher(cfg)
+        return ReferenceTeacher(task)
     if backend == "vllm":
         from distill.teachers.vllm_backend import VllmTeacher
 
@@ -59,7 +59,7 @@ def make_teacher(cfg: PipelineConfig) -> Teacher:
         from distill.teachers.transformers_backend import TransformersTeacher
 
         return TransformersTeacher(cfg)
-    raise DistillError(f"generate.backend: unknown backend {backend!r}; use vllm, openai, transformers or rules")
+    raise DistillError(f"generate.backend: unknown backend {backend!r}; use vllm, openai, transformers or reference")
 
 
 def local_model_dir(name: str, key: str) -> str:

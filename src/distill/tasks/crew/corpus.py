@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from distill.task.catalog import load_catalog
-from distill.task.history import LoggedWorkout
-from distill.task.planner import plan_program
-from distill.task.profile import Profile
-from distill.task.program import render_program
-from distill.task.prompt import make_instance
+from distill.tasks.crew.catalog import Catalog
+from distill.tasks.crew.history import LoggedWorkout
+from distill.tasks.crew.planner import plan_program
+from distill.tasks.crew.profile import Profile
+from distill.tasks.crew.program import render_program
+from distill.tasks.crew.prompt import make_instance
 
 
-def corpus_texts(n: int, seed: int, lang: str = "en") -> list[str]:
+def corpus_texts(n: int, seed: int, lang: str, catalog: Catalog) -> list[str]:
     """n prompts and their n reference programs, interleaved."""
-    catalog = load_catalog()
     texts = []
     for index in range(n):
         inst = make_instance(seed, index, catalog, lang=lang, catalog_mode="full")

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from distill.task.catalog import CONTRAINDICATIONS, EQUIPMENT, LEVELS, TaskInputError
+from distill.tasks.crew.catalog import CONTRAINDICATIONS, EQUIPMENT, LEVELS, TaskInputError
 
 GOALS = ("weight_loss", "maintenance", "muscle_gain", "strength", "endurance", "back_health")
 ROLES = ("pilot", "cabin_crew")

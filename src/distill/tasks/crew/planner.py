@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import random
 
-from distill.task.catalog import Catalog, Exercise
-from distill.task.history import LEVEL_LOAD, LoggedExercise, LoggedWorkout
-from distill.task.profile import Profile
-from distill.task.program import Prescription, Program, Workout
-from distill.task.rules import (
+from distill.tasks.crew.catalog import Catalog, Exercise
+from distill.tasks.crew.history import LEVEL_LOAD, LoggedExercise, LoggedWorkout
+from distill.tasks.crew.profile import Profile
+from distill.tasks.crew.program import Prescription, Program, Workout
+from distill.tasks.crew.rules import (
     FOCUS_SLOTS, GOAL_SCHEMES, load_step, next_focuses, progressed_load, round_load, scheme_for, unsafe_reasons,
 )  # fmt: skip
 

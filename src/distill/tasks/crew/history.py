@@ -6,9 +6,9 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from distill.task.catalog import Catalog, TaskInputError
-from distill.task.profile import Profile
-from distill.task.rules import GOAL_SCHEMES, load_step, next_focuses, round_load, scheme_for
+from distill.tasks.crew.catalog import Catalog, TaskInputError
+from distill.tasks.crew.profile import Profile
+from distill.tasks.crew.rules import GOAL_SCHEMES, load_step, next_focuses, round_load, scheme_for
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ LEVEL_LOAD = {"beginner": 1.0, "intermediate": 1.4, "advanced": 1.8}
 def sample_history(profile: Profile, catalog: Catalog, seed: int, index: int, n: int = 5) -> list[LoggedWorkout]:
     """n past sessions following the profile's split, with loads rising over time, the odd missed
     set and RPE 5-10. Exercise choice varies by seed so histories differ between crew members."""
-    from distill.task.planner import select_exercises
+    from distill.tasks.crew.planner import select_exercises
 
     rng = random.Random(f"history:{seed}:{index}")
     days_between = max(1, 7 // profile.frequency)

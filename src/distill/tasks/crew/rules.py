@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distill.task.catalog import LEVELS, Exercise
-from distill.task.profile import Profile
+from distill.tasks.crew.catalog import LEVELS, Exercise
+from distill.tasks.crew.profile import Profile
 
 FOCUS_SLOTS: dict[str, tuple[str, ...]] = {
     "full_body": ("quads", "back", "chest", "posterior", "core"),

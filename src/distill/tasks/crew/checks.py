@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from distill.task.catalog import Catalog
-from distill.task.history import LoggedWorkout
-from distill.task.profile import Profile
-from distill.task.program import Program, ProgramParseError, parse_program
-from distill.task.rules import (
+from distill.tasks import Violation
+from distill.tasks.crew.catalog import Catalog
+from distill.tasks.crew.history import LoggedWorkout
+from distill.tasks.crew.profile import Profile
+from distill.tasks.crew.program import Program, ProgramParseError, parse_program
+from distill.tasks.crew.rules import (
     CARDIO_MINUTES, FOCUS_GROUPS, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, progression_ok, scheme_for,
     split_for, unsafe_reasons,
 )  # fmt: skip
@@ -28,12 +27,6 @@ WEIGHTS = {
     "no_progression": 0.1,
 }
 CHECKS = tuple(WEIGHTS)
-
-
-@dataclass(frozen=True)
-class Violation:
-    check: str
-    detail: str
 
 
 def check_program(text: str, profile: Profile, catalog: Catalog, history: list[LoggedWorkout] | None = None) -> list[Violation]:
@@ -115,12 +108,3 @@ def _dosing_problems(p, ex, goal: str) -> list[str]:
     if s_lo <= p.sets <= s_hi and r_lo <= p.amount <= r_hi:
         return []
     return [f"{ex.id}: {p.sets}x{p.amount}, expected {s_lo}-{s_hi} x {r_lo}-{r_hi} for {goal}"]
-
-
-def is_valid(violations: list[Violation]) -> bool:
-    return not violations
-
-
-def quality_score(violations: list[Violation]) -> float:
-    """1 for a valid program; each distinct violated check costs its weight; unparseable is 0."""
-    return max(0.0, 1.0 - sum(WEIGHTS[c] for c in {v.check for v in violations}))

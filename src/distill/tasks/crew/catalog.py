@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+from distill.tasks import TaskError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # package data: found by a plain `pip install .` too
 LEVELS = ("beginner", "intermediate", "advanced")
 PATTERNS = ("push", "pull", "legs", "core", "full-body", "cardio", "mobility")
 GROUPS = ("chest", "back", "shoulders", "biceps", "triceps", "quads", "posterior", "calves", "core", "cardio", "mobility")
@@ -19,7 +21,7 @@ CONTRAINDICATIONS = ("lower_back", "knee", "shoulder", "wrist", "neck", "hyperte
 UNITS = ("reps", "seconds", "minutes")
 
 
-class TaskInputError(ValueError):
+class TaskInputError(TaskError):
     """Unreadable task input (catalog, profile, history); the message names the file or key."""
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from distill.task.catalog import Catalog
-from distill.task.history import LoggedWorkout, sample_history
-from distill.task.profile import Profile, sample_profile
-from distill.task.program import WORDS
-from distill.task.rules import (
+from distill.tasks.crew.catalog import Catalog
+from distill.tasks.crew.history import LoggedWorkout, sample_history
+from distill.tasks.crew.profile import Profile, sample_profile
+from distill.tasks.crew.program import WORDS
+from distill.tasks.crew.rules import (
     CORE_REPS, GOAL_SCHEMES, HOLD, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, split_for, unsafe_reasons,
 )  # fmt: skip
 

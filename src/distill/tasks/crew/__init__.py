@@ -1,0 +1,1 @@
+"""The flagship task pack: personalised training programs for airline pilots and cabin crew."""

@@ -67,13 +67,13 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     assert "8 training, 2 validation and 3 test examples" in report
     assert "3 steps over 8 examples" in report and "![training loss](train/loss.png)" in report
     export = json.loads((run / "export" / "manifest.json").read_text())["metrics"]
-    gguf, teacher = export["file_bytes"], export["teacher_bf16_bytes"]
-    # Tiny test models can make the student larger than the teacher; the report must say which way.
-    ratio = f"{teacher / gguf:,.1f}x smaller" if gguf <= teacher else f"{gguf / teacher:,.1f}x larger"
-    assert f"| GGUF q8_0 | – | {gguf / 2**20:,.2f} MiB | {ratio} |" in report
+    # the crew pack's reference answers wrote the data: no teacher model to size or compare with
+    assert "teacher_bf16_bytes" not in export and "| teacher (bf16) |" not in report
+    assert f"| GGUF q8_0 | – | {export['file_bytes'] / 2**20:,.2f} MiB | – |" in report
+    assert "Written by reference answers of the `crew` task (the crew pack's rule-based planner); no language-model teacher ran" in report
     assert "tokenization identical for 100%" in report
     assert re.search(r"Plan: \d+ instances fit the GPU budget; 1 started here", report)
-    for row in ("teacher (held-out responses)", "student before training", "merged student", "GGUF in llama.cpp"):
+    for row in ("reference answers (held-out)", "student before training", "merged student", "GGUF in llama.cpp"):
         assert f"| {row} |" in report
     assert (run / "train" / "loss.png").is_file() and (run / "eval" / "comparison.png").is_file()
     manifests = {p.parent.name: json.loads(p.read_text()) for p in (run / "eval").glob("*/manifest.json")}
@@ -90,3 +90,23 @@ def test_run_stage_selection_errors(tmp_path: Path) -> None:
     result = run_cli("run", str(config), "eval.models=[teacher, pruned]")
     assert result.returncode == 1 and "prune.enabled" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_teacher_size_only_where_a_teacher_model_wrote_the_data(tmp_path) -> None:
+    from distill.config import load_config
+    from distill.report import _sizes
+    from distill.stages.export import known_teacher_params
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"run_name: s\nrun_dir: {tmp_path}\nmodels: {{teacher: Qwen/Qwen3-4B, student: s, teacher_arch: {REPO}/configs/arch/qwen3-4b.json}}\n"
+    )
+    assert known_teacher_params(load_config(path, ["generate.backend=reference"])) is None
+    assert known_teacher_params(load_config(path, ["generate.backend=openai", "models.teacher_arch=null"])) is None  # an API teacher
+    params = known_teacher_params(load_config(path, ["generate.backend=openai"]))
+    assert params is not None and 4_000_000_000 < params < 4_100_000_000
+    cfg = load_config(path)
+    export = {"teacher_params": 1000, "teacher_bf16_bytes": 2000, "format": "q8_0", "file_bytes": 4000,
+              "verification": {"prompts": 1, "tokenization_match": 1.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}}  # fmt: skip
+    lines = "\n".join(_sizes(cfg, None, None, export))
+    assert "| teacher (bf16) | 1,000 |" in lines and "| GGUF q8_0 | – | 0.00 MiB | 2.0x larger |" in lines

@@ -161,7 +161,7 @@ def eval_(
         str, typer.Option(help="teacher, base, adapter, merged, pruned, gguf or int8.")
     ] = "merged",
 ) -> None:
-    """Score one model's programs for held-out test profiles: validity, violations, agreement, perplexity, latency."""
+    """Score one model's answers to held-out test inputs: validity, violations, agreement, perplexity, latency."""
     _run_stage("eval", config, overrides, overwrite, model=model)
 
 

@@ -205,8 +205,8 @@ class GenerateConfig(Strict):
         "vllm", description="Teacher backend; `reference` writes the task's own reference answers (offline)."
     )
     num_examples: int = Field(1000, ge=1, description="Accepted training examples to produce.")
-    validation_examples: int = Field(50, ge=0, description="Held-out validation examples (unseen profiles).")
-    test_examples: int = Field(50, ge=0, description="Held-out test examples (unseen profiles).")
+    validation_examples: int = Field(50, ge=0, description="Held-out validation examples (groups never trained on).")
+    test_examples: int = Field(50, ge=0, description="Held-out test examples (groups never trained on).")
     batch_size: int = Field(64, ge=1, description="Prompts per teacher call; output is flushed per batch.")
     max_attempts_factor: float = Field(3.0, ge=1, description="Give up after this many prompts per requested example.")
     dedup_jaccard: float = Field(
@@ -320,9 +320,9 @@ class ServeConfig(Strict):
         None, ge=1024, le=65535, description="First port of the instances; default: free ports chosen by the OS."
     )
     requests: int = Field(32, ge=1, description="Held-out prompts sent in each load test.")
-    max_tokens: int = Field(512, ge=1, description="Longest generated program in tokens.")
+    max_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     ready_timeout_s: float = Field(120, gt=0, description="Seconds to wait for an instance to be ready.")
-    request_timeout_s: float = Field(600, gt=0, description="Seconds to wait for one program.")
+    request_timeout_s: float = Field(600, gt=0, description="Seconds to wait for one answer.")
 
 
 class EvalConfig(Strict):
@@ -333,7 +333,7 @@ class EvalConfig(Strict):
         description="Models `distill run` evaluates, in order (`distill eval --model` picks one).",
     )
     num_prompts: int = Field(50, ge=1, description="Held-out test prompts scored per model.")
-    max_new_tokens: int = Field(512, ge=1, description="Longest generated program in tokens.")
+    max_new_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def check_prompts(cfg: PipelineConfig, tokenizer: Any, count: int) -> list[list[int]]:
-    """Chat-formatted validation prompts (held-out profiles), as token ids."""
+    """Chat-formatted validation prompts (held-out inputs), as token ids."""
     from datasets import load_from_disk
 
     data = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))

@@ -107,7 +107,8 @@ class TaskBase:
 
 def quality_score(violations: list[Violation], weights: Mapping[str, float]) -> float:
     """1 for a valid answer; each distinct violated check costs its weight (floored at 0)."""
-    return max(0.0, 1.0 - sum(weights[c] for c in {v.check for v in violations}))
+    # sorted: a set's order changes with the hash seed, and with it the float sum's last bit
+    return max(0.0, 1.0 - sum(weights[c] for c in sorted({v.check for v in violations})))
 
 
 # task.kind -> "module:factory"; each factory takes (task config, seed).

@@ -242,3 +242,24 @@ def test_parse_errors_name_the_line() -> None:
         parse_program("Workout 1: push\n- push_up: 3x10, rest 60 s\nWorkout 3: pull")
     program = Program((Workout("push", (Prescription("push_up", 3, reps=10, rest_s=60),)),))
     assert parse_program(render_program(program) + "  \n\n") == program
+
+
+def test_pull_day_shoulder_slot_takes_a_pull_movement() -> None:
+    # the case from the issue: intermediate pilot, 3/week (push/pull/legs), maintenance, lower back,
+    # hotel gym with dumbbells, bench and treadmill only
+    profile = Profile("pilot", "intermediate", 3, "maintenance", frozenset({"lower_back"}), frozenset({"dumbbells", "bench", "treadmill"}))
+    program = plan_program(profile, [], CATALOG)
+    pull = next(w for w in program.workouts if w.focus == "pull")
+    assert [CATALOG[p.exercise_id].pattern for p in pull.exercises if CATALOG[p.exercise_id].group not in ("core", "mobility")] == ["pull"] * 4
+    assert "dumbbell_shoulder_press" not in {p.exercise_id for p in pull.exercises}
+    assert check_program_obj(program, profile, CATALOG, None) == []
+    # the checks refuse the press the planner used to put there, and a face pull on a push day
+    pressed = replace(pull, exercises=(*pull.exercises[:3], replace(pull.exercises[3], exercise_id="dumbbell_shoulder_press")))
+    broken = replace(program, workouts=tuple(pressed if w is pull else w for w in program.workouts))
+    assert [v.detail for v in check_program_obj(broken, profile, CATALOG, None)] == [
+        "workout 2: dumbbell_shoulder_press is push work, not for a pull workout"
+    ]
+    banded = replace(profile, equipment=profile.equipment | {"band"})
+    push = next(w for w in plan_program(banded, [], CATALOG).workouts if w.focus == "push")
+    with_face_pull = replace(push, exercises=(*push.exercises[:1], replace(push.exercises[1], exercise_id="band_face_pull"), *push.exercises[2:]))
+    assert "split_mismatch" in {v.check for v in check_program_obj(Program((with_face_pull,)), banded, CATALOG, None)}

@@ -8,8 +8,8 @@ from distill.tasks.crew.history import LoggedWorkout
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import Program, ProgramParseError, parse_program
 from distill.tasks.crew.rules import (
-    CARDIO_MINUTES, FOCUS_GROUPS, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, progression_ok, scheme_for,
-    split_for, unsafe_reasons,
+    CARDIO_MINUTES, FOCUS_GROUPS, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, fits_pattern, next_focuses, progression_ok,
+    scheme_for, split_for, unsafe_reasons,
 )  # fmt: skip
 
 # Weight of each check in the quality score: safety first, then structure, then dosing.
@@ -84,6 +84,8 @@ def check_program_obj(
                 main += 1
                 if allowed is not None and ex.group not in allowed:
                     found.append(Violation("split_mismatch", f"{where}: {ex.id} ({ex.group}) does not belong in a {workout.focus} workout"))
+                elif not fits_pattern(ex, workout.focus):
+                    found.append(Violation("split_mismatch", f"{where}: {ex.id} is {ex.pattern} work, not for a {workout.focus} workout"))
             found.extend(Violation("sets_reps_out_of_range", f"{where}: {msg}") for msg in _dosing_problems(p, ex, profile.goal))
             last = last_logs.get(ex.id)
             if last is not None and last.load_kg is not None and p.load_kg is not None:

@@ -14,16 +14,18 @@ from distill.tasks.crew.history import LEVEL_LOAD, LoggedExercise, LoggedWorkout
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import Prescription, Program, Workout
 from distill.tasks.crew.rules import (
-    FOCUS_SLOTS, GOAL_SCHEMES, load_step, next_focuses, progressed_load, round_load, scheme_for, unsafe_reasons,
+    FOCUS_SLOTS, GOAL_SCHEMES, fits_pattern, load_step, next_focuses, progressed_load, round_load, scheme_for,
+    unsafe_reasons,
 )  # fmt: skip
 
 
 def select_exercises(
     catalog: Catalog, profile: Profile, focus: str, preferred: tuple[str, ...], rng: random.Random | None = None
 ) -> list[Exercise]:
-    """One safe, available exercise per slot of the focus; a slot with nothing left borrows from the
-    focus's other groups, then from mobility work, which needs nothing and suits everyone."""
-    safe = [ex for ex in catalog if not unsafe_reasons(ex, profile)]
+    """One safe, available exercise per slot of the focus, moving the way the focus does (no press on a
+    pull day); a slot with nothing left borrows from the focus's other groups, then from mobility work,
+    which needs nothing and suits everyone."""
+    safe = [ex for ex in catalog if not unsafe_reasons(ex, profile) and fits_pattern(ex, focus)]
     if rng is not None:
         rng.shuffle(safe)
     rank = {ex_id: i for i, ex_id in enumerate(preferred)}

@@ -38,8 +38,19 @@ FOCUS_GROUPS: dict[str, frozenset[str]] = {
 }
 FOCUS_GROUPS["full_body"] |= {"shoulders", "calves"}
 FOCUS_GROUPS["pull"] |= {"posterior"}
+# Push and pull days split the upper body by movement, not only by muscle: a shoulder press is push
+# work and a face pull is pull work, so the shoulder slot of a pull day takes a face pull or a rear-delt
+# fly (the paper's pull day: rows, pulldown, face pull, curls), never a press.
+FOCUS_PATTERN = {"push": "push", "pull": "pull"}
+UPPER_GROUPS = frozenset({"chest", "back", "shoulders", "biceps", "triceps"})
 MIN_EXERCISES, MAX_EXERCISES = 4, 6
 WORKOUTS = 3
+
+
+def fits_pattern(exercise: Exercise, focus: str) -> bool:
+    """An upper-body exercise in a push or pull workout must move that way."""
+    pattern = FOCUS_PATTERN.get(focus)
+    return pattern is None or exercise.group not in UPPER_GROUPS or exercise.pattern == pattern
 
 
 def split_for(level: str, frequency: int) -> tuple[str, ...]:

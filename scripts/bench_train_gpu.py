@@ -123,7 +123,8 @@ def encode_rows(work: Path, max_length: int) -> list[dict]:
 def run_child(variant: str, work: Path, args: argparse.Namespace) -> dict:
     out = work / f"result-{variant}.json"
     command = [sys.executable, __file__, "--child", variant, "--workdir", str(work), "--device", args.device,
-               "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]  # fmt: skip
+               "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
+               "--loss-chunk-size", str(args.loss_chunk_size)]  # fmt: skip
     print(f"--- {variant}: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO)
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[900, 1400], metavar=("MIN", "MAX"))
     parser.add_argument("--response-len", type=int, nargs=2, default=[250, 450], metavar=("MIN", "MAX"))
     parser.add_argument("--layers", type=int, default=18, help="decoder layers (the real model has 18)")
+    parser.add_argument("--loss-chunk-size", type=int, default=1024, help="ours: train.loss_chunk_size")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke check only (fp32)")
     parser.add_argument("--seed", type=int, default=0)
@@ -340,7 +342,7 @@ def child_ours(args: argparse.Namespace, work: Path, cuda: bool) -> dict:
     cfg = PipelineConfig(
         run_name="bench", run_dir=work / "runs", seed=0,
         models={"teacher": student, "student": student},
-        train={"backend": "transformers", "precision": "auto" if cuda else "fp32"},
+        train={"backend": "transformers", "precision": "auto" if cuda else "fp32", "loss_chunk_size": args.loss_chunk_size},
     )  # fmt: skip
     t = cfg.train
     backend = "transformers"

@@ -5,7 +5,7 @@ mixed case, reordered clauses), and its gold record: the structured fields a mai
 system needs. The task for the student: read the entry, answer with the record as JSON that satisfies
 data/techlog/schema.json. Entries are grouped by aircraft: held-out aircraft are never trained on.
 
-  .venv/bin/python scripts/make_techlog.py [--rows 360] [--seed 0]
+  .venv/bin/python scripts/make_techlog.py [--rows 600] [--aircraft 300] [--seed 0]
 """
 
 from __future__ import annotations
@@ -101,11 +101,14 @@ def entry(rng: random.Random, aircraft: str) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=360)
+    parser.add_argument("--rows", type=int, default=600)
+    # many aircraft, few entries each: a student that memorises registrations fails on held-out ones,
+    # so it has to learn to copy them from the entry
+    parser.add_argument("--aircraft", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    fleet = sorted({registration(rng) for _ in range(args.rows // 4)})
+    fleet = sorted({registration(rng) for _ in range(args.aircraft)})
     rows = []
     for i in range(args.rows):
         aircraft = rng.choice(fleet)

@@ -51,7 +51,9 @@ def _generate(cfg: PipelineConfig, task: Task, m: dict[str, Any]) -> list[str]:
         lines += [
             (
                 f"Student-tokenizer lengths: prompt mean {p['mean']:.0f} (p95 {p['p95']}), response mean {r['mean']:.0f} "
-                f"(p95 {r['p95']}); teacher output {m['output_tokens_per_s']:,.0f} tokens/s."
+                f"(p95 {r['p95']})"
+                # reference answers are looked up, not generated: their rate says nothing
+                + (f"; teacher output {m['output_tokens_per_s']:,.0f} tokens/s." if cfg.generate.backend != "reference" else ".")
             ),
             "",
         ]
@@ -187,7 +189,9 @@ def render_report(cfg: PipelineConfig) -> str:
     lines = [
         f"# {cfg.run_name}: distillation report",
         "",
-        f"Task `{task.name}`; data by {teacher_words(cfg, task)}; student `{cfg.models.student}`; config `{cfg.command_args}`.",
+        f"Task `{task.name}`; teacher "
+        + (f"`{cfg.models.teacher}`" if cfg.generate.backend != "reference" else "none (the task's reference answers)")
+        + f" -> student `{cfg.models.student}`; config `{cfg.command_args}`.",
         "Stage wall times: " + (", ".join(f"{s} {w / 60:.1f} min" for s, w in walls.items()) or "none yet") + ".",
         "",
         "## Data",

@@ -148,18 +148,19 @@ def split_candidates(
     budget = attempt_budget(cfg, shard_quota(requested(cfg)[split], shard)) - state.attempts[split]
     index = shard.index
     while budget > 0:
-        example = None if (split, index) in state.done else task.example(split, index)
-        if example is None and (split, index) not in state.done:
-            return  # the task has no more inputs for this split
-        if example is not None and example.group not in blocked:
-            prompt = example.prompt
-            if requests:
-                prompt = task.self_instruct().with_request(prompt, requests[index % len(requests)])
-            budget -= 1
-            yield {
-                "id": example.id, "split": split, "index": index, "group": example.group, "payload": example.payload,
-                "prompt": prompt, "reference": example.reference,
-            }  # fmt: skip
+        if (split, index) not in state.done:
+            example = task.example(split, index)
+            if example is None:
+                return  # the task has no more inputs for this split
+            if example.group not in blocked:
+                prompt = example.prompt
+                if requests:
+                    prompt = task.self_instruct().with_request(prompt, requests[index % len(requests)])
+                budget -= 1
+                yield {
+                    "id": example.id, "split": split, "index": index, "group": example.group,
+                    "payload": example.payload, "prompt": prompt, "reference": example.reference,
+                }  # fmt: skip
         index += shard.count
 
 

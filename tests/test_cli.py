@@ -129,3 +129,11 @@ def test_tiny_models_command(tmp_path: Path) -> None:
     result = run_cli("tiny-models", str(tmp_path / "m"), "--seed", "5")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m/teacher/config.json").is_file() and (tmp_path / "m/student/tokenizer.model").is_file()
+
+
+def test_validate_reads_the_task_inputs(tmp_path: Path) -> None:
+    ok = run_cli("validate", "configs/techlog.yaml")
+    assert ok.returncode == 0 and "task 'techlog' (459 train, 84 validation, 57 test inputs)" in ok.stderr
+    (tmp_path / "s.json").write_text('{"type": "objekt"}')
+    bad = run_cli("validate", "configs/techlog.yaml", f"task.json_schema={tmp_path / 's.json'}")
+    assert bad.returncode == 1 and "s.json: invalid JSON Schema" in bad.stderr and "Traceback" not in bad.stderr

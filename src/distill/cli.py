@@ -189,14 +189,19 @@ def run_all(
 
 @app.command()
 def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Check a config (and overrides) without running anything; print the resolved config."""
+    """Check a config (and overrides) and its task's inputs without running anything; print the resolved config."""
 
     def body() -> None:
         import yaml
 
+        from distill.tasks import load_task
+
         cfg = _load(config, overrides)
+        task = load_task(cfg)  # the task's files (JSONL, schema, catalog, python factory) are read and checked
         console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
-        err_console.print(f"[green]ok:[/] {config} is valid")
+        sizes = {s: task.size(s) for s in ("train", "validation", "test")}
+        known = ", ".join(f"{n} {s}" for s, n in sizes.items() if n is not None)
+        err_console.print(f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" ({known} inputs)" if known else ""))
 
     _guard(body)
 

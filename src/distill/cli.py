@@ -201,7 +201,9 @@ def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
         console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
         sizes = {s: task.size(s) for s in ("train", "validation", "test")}
         known = ", ".join(f"{n} {s}" for s, n in sizes.items() if n is not None)
-        err_console.print(f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" ({known} inputs)" if known else ""))
+        err_console.print(
+            f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" ({known} inputs)" if known else ""), soft_wrap=True
+        )
 
     _guard(body)
 

@@ -2,8 +2,8 @@
 
 For each model, through the task's interface: validity and the rate of every violated check, the
 quality score, agreement with the teacher's answer to the same prompt (the task's own metrics),
-perplexity on the teacher's held-out responses, latency per answer. Each model gets `<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}` compares every
-model evaluated so far. Generations are appended one fsync'd line at a time, so an interrupted
+perplexity on the teacher's held-out responses, latency per answer. Each model gets
+`<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}` compares every model evaluated so far. Generations are appended one fsync'd line at a time, so an interrupted
 evaluation resumes where it stopped.
 """
 
@@ -314,12 +314,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     folder = stage_dir(cfg, stage)
     require_input(cfg, "generate")
     require_input(cfg, EVAL_MODELS[model])
+    task = load_task(cfg)  # a broken task fails before the output folder is touched
     if prepare_output(cfg, stage, overwrite) == "skip":
         log.info("eval %s: complete, skipping (%s)", model, folder)
-        write_comparison(cfg, load_task(cfg))
+        write_comparison(cfg, task)
         return folder
     log.info("eval config: %s", cfg.eval.model_dump())
-    task = load_task(cfg)
     record = StageRecord(cfg, stage, inputs=tuple(dict.fromkeys(("generate", EVAL_MODELS[model]))))
     rows = test_rows(cfg)
     summary = summarize(evaluate(cfg, task, model, rows, folder), task)

@@ -464,6 +464,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     require_input(cfg, "generate")
     if cfg.serve.backend == "llama_cpp":
         llama_cpp("serve")  # the instances run its server module: say so before starting any
+    task = load_task(cfg)  # a broken task fails before the output folder is touched
     if prepare_output(cfg, "serve", overwrite) == "skip":
         log.info("serve: complete, skipping (%s)", folder)
         return folder
@@ -484,7 +485,6 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             f"instance: it needs {need / MIB:,.0f} MiB, {(need - plan['v_gpu_bytes']) / MIB:,.0f} MiB missing"
         )
     started = min(plan["instances"], cfg.serve.max_instances or plan["instances"])
-    task = load_task(cfg)
     requests = _held_out_requests(cfg, cfg.serve.requests)
     log.info("serve: plan says %d instances; starting %d on this machine", plan["instances"], started)
     with instances(cfg, model, started, log_dir) as fleet:

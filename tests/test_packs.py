@@ -101,10 +101,10 @@ def test_jsonl_schema_violations_are_named_with_their_paths(tmp_path) -> None:
                      ("schema_additionalProperties", "$")}  # fmt: skip
     assert [v.check for v in task.check("{not json", {})] == ["invalid_json"]
     assert set(task.weights) >= {"invalid_json", "schema_required", "schema_enum", "schema_minimum"}
-    # agreement with the reference: exact, and per field of the gold object
-    assert task.agreement(example.reference, example.reference, {}) == {"exact_match": 1.0, "field_accuracy": 1.0}
+    # agreement with the gold answer in the payload (not with whatever the teacher wrote): exact, and per field
+    assert task.agreement(example.reference, "teacher text", example.payload) == {"exact_match": 1.0, "field_accuracy": 1.0}
     half = json.dumps({**json.loads(example.reference), "qty": 99})
-    assert task.agreement(half, example.reference, {}) == {"exact_match": 0.0, "field_accuracy": 0.5}
+    assert task.agreement(half, example.reference, example.payload) == {"exact_match": 0.0, "field_accuracy": 0.5}
 
 
 def test_jsonl_regex_and_choices(tmp_path) -> None:
@@ -200,3 +200,11 @@ def test_package_data_is_found_outside_the_checkout(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     count, seeds = out.stdout.split()
     assert int(count) >= 60 and seeds == "True"
+
+
+def test_a_check_without_a_weight_is_named() -> None:
+    from distill.tasks import TaskError, Violation, quality_score
+
+    assert quality_score([Violation("a", ""), Violation("a", "again")], {"a": 0.25, "b": 0.5}) == 0.75
+    with pytest.raises(TaskError, match=r"without a weight \(typo\)"):
+        quality_score([Violation("typo", "")], {"a": 0.25})

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from distill.errors import DistillError
 
@@ -50,7 +50,6 @@ class SelfInstruct:
     with_request: Callable[[str, str], str]  # (prompt, request) -> prompt carrying the request
 
 
-@runtime_checkable
 class Task(Protocol):
     name: str  # shown in reports, e.g. "crew"
     unit: str  # what one answer is called in reports: "program", "answer"
@@ -107,8 +106,11 @@ class TaskBase:
 
 def quality_score(violations: list[Violation], weights: Mapping[str, float]) -> float:
     """1 for a valid answer; each distinct violated check costs its weight (floored at 0)."""
+    checks = {v.check for v in violations}
+    if unknown := checks - weights.keys():
+        raise TaskError(f"the task reported checks without a weight ({', '.join(sorted(unknown))}); give every check one")
     # sorted: a set's order changes with the hash seed, and with it the float sum's last bit
-    return max(0.0, 1.0 - sum(weights[c] for c in sorted({v.check for v in violations})))
+    return max(0.0, 1.0 - sum(weights[c] for c in sorted(checks)))
 
 
 # task.kind -> "module:factory"; each factory takes (task config, seed).

@@ -4,7 +4,7 @@ Each line of `task.files` is one input. The prompt is a template filled from the
 the split comes from a column or from a hash of a group column, so a group never spans two splits;
 answers are checked by a JSON Schema (one violation per schema error, named by its keyword, with its
 JSON path), a regular expression or a list of allowed answers. A gold-answer column gives reference
-answers: the `reference` teacher, and exact / per-field agreement in eval.
+answers: the `reference` teacher, and exact / per-field agreement with the gold answer in eval.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ class JsonlTask(TaskBase):
             if cfg.reference_field
             else None
         )
-        if cfg.reference_field:
-            self.agreement_titles = {"exact_match": "= reference"}
+        if cfg.reference_field:  # agreement is with the gold answer, whoever wrote the training data
+            self.agreement_titles = {"exact_match": "= gold"}
             if self.validator is not None:
-                self.agreement_titles["field_accuracy"] = "fields = reference"
+                self.agreement_titles["field_accuracy"] = "fields = gold"
         self.splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
         for path in cfg.files:
             for number, row in _read_rows(Path(path)):
@@ -195,6 +195,7 @@ class JsonlTask(TaskBase):
     def agreement(self, answer: str, reference: str, payload: dict[str, Any]) -> dict[str, float]:
         if not self.agreement_titles:
             return {}
+        reference = _answer_text(payload[self.cfg.reference_field])
         if self.validator is None:
             return {"exact_match": float(answer.strip() == reference.strip())}
         try:

@@ -23,6 +23,7 @@ from distill.tasks import SelfInstruct, Task
 log = logging.getLogger(__name__)
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
+
 def rouge_l(a: str, b: str) -> float:
     """ROUGE-L F-measure on lower-cased word tokens (longest common subsequence)."""
     x, y = _TOKEN.findall(a.lower()), _TOKEN.findall(b.lower())

@@ -87,6 +87,35 @@ def test_teacher_qwen3_exports_and_agrees(trained_run, tmp_path) -> None:
     assert check["max_abs_logit_diff"] < 1e-2
 
 
+def test_embedding_rows_past_the_tokenizer_get_placeholder_tokens(trained_run, tmp_path) -> None:
+    """Qwen's and Gemma's embeddings have more rows than their tokenizers have tokens; llama.cpp needs one
+    token per row, and the real tokens must still tokenize and predict as before."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.gguf_writer import write_gguf
+    from distill.stages.export import verify
+
+    for role in ("teacher", "student"):  # byte-level BPE (Qwen 3) and SentencePiece (Gemma 3)
+        source = Path(getattr(load_config(trained_run).models, role))
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+        rows = len(tok) + 37
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        padded = tmp_path / role
+        model.save_pretrained(padded)
+        tok.save_pretrained(padded)
+        if (source / "tokenizer.model").is_file():
+            (padded / "tokenizer.model").write_bytes((source / "tokenizer.model").read_bytes())
+        write_gguf(padded, tmp_path / f"{role}.gguf", "f32")
+        tokens = gguf.GGUFReader(str(tmp_path / f"{role}.gguf")).fields["tokenizer.ggml.tokens"]
+        assert len(tokens.data) == rows and tokens.contents(rows - 1) == f"[PAD{rows - 1}]"
+        prompts = [tok.apply_chat_template([{"role": "user", "content": "Plan 3 workouts for a pilot."}],
+                                           add_generation_prompt=True, return_dict=True)["input_ids"]]  # fmt: skip
+        check = verify(padded, tmp_path / f"{role}.gguf", prompts, tok)
+        assert check["tokenization_match"] == 1.0 and check["top1_agreement"] == 1.0, role
+
+
 def test_bad_inputs(trained_run, tmp_path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 

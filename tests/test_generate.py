@@ -219,7 +219,7 @@ class _FlakyProxy(BaseHTTPRequestHandler):
 def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) -> None:
     import httpx
 
-    from distill.stages.serve import free_port
+    from distill.serving.fleet import free_port
 
     port = free_port()
     server = subprocess.Popen(

@@ -27,7 +27,10 @@ def test_no_module_outside_the_crew_pack_imports_it() -> None:
         if rel.parts[:2] == ("tasks", "crew") or rel == Path("tasks/__init__.py"):  # the pack, and the registry
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])]
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, (ast.Import, ast.ImportFrom)) and any(n.startswith("distill.tasks.crew") for n in names):
                 offenders.append(f"{rel}:{node.lineno}")
     assert offenders == []
@@ -45,7 +48,10 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
     from distill.stages.serve import run as serve
     from toy_task import ToyTask
 
-    serve_cfg = "serve: {max_instances: 1, requests: 3, max_tokens: 12, context: 512, ready_timeout_s: 60}\n"
+    serve_cfg = (
+        "serve: {max_instances: 1, max_slots: 2, concurrency: [2], requests: 3, max_tokens: 12, context: 512, "
+        "ready_timeout_s: 60}\n"
+    )
     path = make_exported_run(tmp_path, TOY + serve_cfg + "eval: {num_prompts: 3, max_new_tokens: 12}\n")
     cfg = load_config(path)
     data = load_from_disk(str(cfg.run_path / "generate/dataset"))
@@ -63,7 +69,7 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
     assert "| reference answers (held-out) |" in (cfg.run_path / "eval/comparison.md").read_text()
 
     report = json.loads((serve(cfg) / "report.json").read_text())
-    assert report["unit"] == "note" and report["multi_instance"]["valid_share"] == 1.0
+    assert report["unit"] == "note" and report["best"]["level"]["valid_share"] == 1.0
     assert "notes/s" in (cfg.run_path / "serve/report.md").read_text()
 
 

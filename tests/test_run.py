@@ -23,7 +23,8 @@ train: {{lora: {{r: 4, alpha: 8}}, precision: fp32, max_steps: 3, batch_size: 2,
          gradient_checkpointing: false, save_steps: 2, logging_steps: 1}}
 merge: {{dtype: float32, check_prompts: 2}}
 export: {{check_prompts: 2}}
-serve: {{max_instances: 1, requests: 2, max_tokens: 16, context: 4096, ready_timeout_s: 60}}
+serve: {{max_instances: 1, max_slots: 2, concurrency: [1], requests: 2, max_tokens: 16, context: 4096,
+        ready_timeout_s: 60}}
 eval: {{num_prompts: 3, max_new_tokens: 16, models: [teacher, base, merged, gguf]}}
 """
 
@@ -72,7 +73,8 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     assert f"| GGUF q8_0 | – | {export['file_bytes'] / 2**20:,.2f} MiB | – |" in report
     assert "Written by reference answers of the `crew` task (the crew pack's rule-based planner); no language-model teacher ran" in report
     assert "tokenization identical for 100%" in report
-    assert re.search(r"Plan: \d+ instances fit the GPU budget; 1 started here", report)
+    assert re.search(r"Plan: \d+ processes or one server with \d+ slots fit the GPU budget; (best|no config)", report)
+    assert "| 1 process x 1 slot | 1 |" in report and "| 1 server x 2 slots | 1 |" in report  # both fleets, measured
     for row in ("reference answers (held-out)", "student before training", "merged student", "GGUF in llama.cpp"):
         assert f"| {row} |" in report
     assert (run / "train" / "loss.png").is_file() and (run / "eval" / "comparison.png").is_file()

@@ -7,8 +7,8 @@ import pytest
 from conftest import REPO, run_cli
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.stages.serve import (
-    GPU_PROFILES, Geometry, compute_buffer_bytes, geometry_of, kv_cache_bytes, plan_serving,
+from distill.serving.memory import (
+    GPU_PROFILES, Geometry, compute_buffer_bytes, geometry_of, kv_cache_bytes, plan_serving, server_bytes,
 )  # fmt: skip
 
 MIB = 2**20
@@ -55,6 +55,22 @@ def test_estimated_plan_for_the_real_student_on_rtx2060() -> None:
     assert plan["v_batch_bytes"] == plan["kv_cache_bytes"] + plan["compute_buffer_bytes"]
     assert "estimate" in plan["v_small_source"] and plan["v_small_bytes"] > 285_018_624
     assert plan["vllm_supported"].startswith("no: compute capability 7.5")
+
+
+def test_one_server_slots_share_the_budget_the_processes_split() -> None:
+    # Gemma 3 270M Q8_0 (285,018,624 B of tensors; a 291,700,000 B file) on the RTX 2060's 6 GiB
+    cfg = load_config(REPO / "configs/paper.yaml")
+    plan = plan_serving(cfg, model_bytes=291_700_000)
+    weights = 291_700_000 + 300 * MIB  # file + runtime overhead (CUDA context)
+    graph = 512 * 262_144 * 4 + 512 * 640 * 4 * 8  # one physical batch of logits and hidden states
+    per_slot = 28_311_552 + 262_144 * 4  # one sequence's KV cache + its output row
+    assert plan["server_fixed_bytes"] == weights + graph and plan["server_per_slot_bytes"] == per_slot
+    assert plan["slots"] == (6 * 2**30 - weights - graph) // per_slot == 180
+    assert plan["instances"] == 6 * 2**30 // (weights + 28_311_552 + 262_144 * 4 + graph) == 5
+    assert server_bytes(plan, 180) <= 6 * 2**30 < server_bytes(plan, 181)
+    # a given V_batch cannot be split into graph and per-sequence parts: each slot pays all of it
+    cfg = load_config(REPO / "configs/paper.yaml", ["serve.v_small_mb=300", "serve.v_batch_mb=200"])
+    assert plan_serving(cfg)["slots"] == (6144 - 300) // 200
 
 
 def test_every_profile_plans_and_unknown_is_an_error() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DistillError, Terminated
 
 app = typer.Typer(
     help="Distill a large teacher LLM into a small student that serves on a small GPU.",
@@ -43,6 +44,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command body; user errors become one line each and a non-zero exit, never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_log_handler()], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn()
     except ConfigError as exc:
@@ -51,8 +53,14 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(exc.exit_code) from None
     except DistillError as exc:
         _fail(str(exc), exc.exit_code)
+    except Terminated:
+        _fail("terminated; re-run the same command to resume", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
         _fail("interrupted; re-run the same command to resume", 130)
+
+
+def _terminate(_signum: int, _frame: Any) -> None:
+    raise Terminated
 
 
 def _log_handler() -> logging.Handler:
@@ -119,14 +127,16 @@ def serve(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the instance plan; start nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan n = floor(V_GPU / (V_small + V_batch)) instances, then start them and measure a real load."""
+    """Plan the paper's n processes and one server with N slots on the same GPU budget, then measure both
+    under the same swept load (latency percentiles, goodput within serve.slo_ms, capacity, memory)."""
     if not dry_run:
         _run_stage("serve", config, overrides, overwrite)
         return
 
     def body() -> None:
         from distill.artifacts import is_complete
-        from distill.stages.serve import check_backend, format_plan, model_bytes, plan_serving, served_model
+        from distill.serving.memory import check_backend, format_plan, plan_serving
+        from distill.stages.serve import model_bytes, served_model
 
         cfg = _load(config, overrides)
         check_backend(cfg)
@@ -142,6 +152,23 @@ def serve(
         for key, value in format_plan(result):
             table.add_row(key, value)
         console.print(table)
+
+    _guard(body)
+
+
+@app.command()
+def deploy(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    port: Annotated[int, typer.Option(help="Port of the OpenAI-compatible base URL on 127.0.0.1.")] = 8080,
+) -> None:
+    """Serve the student the way `distill serve` found best, on 127.0.0.1, until Ctrl-C or SIGTERM; restarts
+    a server process that dies."""
+
+    def body() -> None:
+        from distill.serving.deploy import deploy as run_deploy
+
+        run_deploy(_load(config, overrides), port, announce=lambda line: console.print(line, highlight=False))
 
     _guard(body)
 

@@ -295,7 +295,7 @@ class ExportConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """Stage 5: many instances on a small GPU budget, n = floor(V_GPU / (V_small + V_batch))."""
+    """Stage 5: the paper's n = floor(V_GPU / (V_small + V_batch)) processes against one server with N slots."""
 
     backend: Literal["llama_cpp", "vllm"] = Field(
         "llama_cpp", description="Server per instance; vLLM needs bf16 (compute capability >= 8.0) for Gemma 3."
@@ -315,11 +315,22 @@ class ServeConfig(Strict):
     parallel: int = Field(1, ge=1, description="Sequences each instance serves at once.")
     ubatch: int = Field(512, ge=1, description="llama.cpp physical batch; sizes the compute buffer.")
     threads_per_instance: int = Field(1, ge=1, description="CPU threads per llama.cpp instance.")
-    max_instances: int | None = Field(None, ge=1, description="Cap on instances actually started on this machine.")
+    max_instances: int | None = Field(None, ge=1, description="Cap on processes of the paper's fleet started here.")
+    max_slots: int | None = Field(None, ge=1, description="Cap on slots of the one-server fleet started here.")
+    llama_server: str | None = Field(
+        None, description="llama-server binary; default: the one `make setup` builds, else llama-server on PATH."
+    )
+    slo_ms: float = Field(
+        1000, gt=0, description="Latency target: a request counts toward goodput when it ends within this many ms."
+    )
+    concurrency: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8], min_length=1,
+        description="Concurrent users swept over each fleet; capacity is the most of them served within the SLO.",
+    )  # fmt: skip
     base_port: int | None = Field(
         None, ge=1024, le=65535, description="First port of the instances; default: free ports chosen by the OS."
     )
-    requests: int = Field(32, ge=1, description="Held-out prompts sent in each load test.")
+    requests: int = Field(32, ge=1, description="Held-out prompts sent at each concurrency level (at least one per user).")
     max_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     ready_timeout_s: float = Field(120, gt=0, description="Seconds to wait for an instance to be ready.")
     request_timeout_s: float = Field(600, gt=0, description="Seconds to wait for one answer.")

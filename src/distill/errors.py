@@ -17,3 +17,7 @@ class ConfigError(DistillError):
 
 class StageInputError(DistillError):
     """A stage's input folder is missing or incomplete."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every `finally` (servers, temp files) runs as on Ctrl-C."""

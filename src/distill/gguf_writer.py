@@ -116,7 +116,17 @@ def _metadata(writer: Any, arch: str, config: Any) -> None:
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10_000.0))))
 
 
-def _spm_vocab(writer: Any, gguf: Any, folder: Path, tokenizer: Any) -> None:
+def _pad(tokens: list[Any], kinds: list[int], rows: int, unused: int, scores: list[float] | None = None) -> None:
+    """llama.cpp needs one token per embedding row: rows past the tokenizer (a vocabulary padded for
+    speed, as Qwen's and Gemma's are) get unused placeholder tokens, as llama.cpp's own converter does."""
+    for i in range(len(tokens), rows):
+        tokens.append(f"[PAD{i}]".encode() if isinstance(tokens[0], bytes) else f"[PAD{i}]")
+        kinds.append(unused)
+        if scores is not None:
+            scores.append(0.0)
+
+
+def _spm_vocab(writer: Any, gguf: Any, folder: Path, tokenizer: Any, rows: int) -> None:
     """SentencePiece pieces, scores and types; the chat turn markers are CONTROL tokens."""
     import sentencepiece as spm
 
@@ -142,6 +152,7 @@ def _spm_vocab(writer: Any, gguf: Any, folder: Path, tokenizer: Any) -> None:
             kinds.append(types.UNUSED)
         else:
             kinds.append(types.NORMAL)
+    _pad(tokens, kinds, rows, types.UNUSED, scores)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -157,7 +168,7 @@ def _spm_vocab(writer: Any, gguf: Any, folder: Path, tokenizer: Any) -> None:
     writer.add_add_space_prefix(False)
 
 
-def _bpe_vocab(writer: Any, gguf: Any, tokenizer: Any, pre: str) -> None:
+def _bpe_vocab(writer: Any, gguf: Any, tokenizer: Any, pre: str, rows: int) -> None:
     """Byte-level BPE: tokens by id, merges, and which added tokens are control tokens."""
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
@@ -172,6 +183,7 @@ def _bpe_vocab(writer: Any, gguf: Any, tokenizer: Any, pre: str) -> None:
             kinds.append(types.CONTROL if added[i]["special"] else types.USER_DEFINED)
         else:
             kinds.append(types.NORMAL)
+    _pad(tokens, kinds, rows, types.UNUSED)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -195,7 +207,8 @@ def write_gguf(model_dir: Path, target: Path, fmt: str) -> dict[str, Any]:
     config = model.config
     arch = arch_of(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
         raise DistillError(f"{model_dir}: tokenizer has more tokens ({len(tokenizer)}) than the embedding rows")
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(target), arch)
@@ -205,9 +218,9 @@ def write_gguf(model_dir: Path, target: Path, fmt: str) -> dict[str, Any]:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _metadata(writer, arch, config)
     if arch == "gemma3":
-        _spm_vocab(writer, gguf, model_dir, tokenizer)
+        _spm_vocab(writer, gguf, model_dir, tokenizer, rows)
     else:
-        _bpe_vocab(writer, gguf, tokenizer, "qwen2")
+        _bpe_vocab(writer, gguf, tokenizer, "qwen2", rows)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -133,12 +133,18 @@ def _sizes(
 
 
 def _serve(task: Task, m: dict[str, Any], report_md: Path) -> list[str]:
+    fleet = "one server with its slots" if m["best_fleet"] == "slots" else "the paper's processes"
+    held = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in m["budget_held"].items())
+    served = (
+        f"best: {fleet}, {m['capacity']} concurrent users within {m['slo_ms']:g} ms"
+        if m["meets_slo"]
+        else f"no configuration meets the {m['slo_ms']:g} ms SLO; closest: {fleet}"
+    )
     lines = [
         (
-            f"Plan: {m['instances_planned']} instances fit the GPU budget; {m['instances_started']} started here. "
-            f"Measured {m['answers_per_s']} {task.unit}s/s, latency p50 {m['latency_p50_s']} s / p95 {m['latency_p95_s']} s, "
-            f"{m['valid_share']:.0%} of served {task.unit}s valid; budget held: {'yes' if m['budget_held'] else 'no'}; "
-            f"faster setup: {m['winner'].replace('_', ' ')}."
+            f"Plan: {m['instances_planned']} processes or one server with {m['slots_planned']} slots fit the GPU "
+            f"budget; {served}, goodput {m['goodput_per_s']} valid {task.unit}s/s, end to end p50 {m['e2e_p50_ms']:g} ms "
+            f"/ p95 {m['e2e_p95_ms']:g} ms, {m['valid_share']:.0%} valid; plan held: {held}."
         ),
         "",
     ]

@@ -1,422 +1,56 @@
-"""Stage 5: prove the student serves many users at once on a small GPU, and measure it honestly.
+"""Stage 5: does the student serve many users at once on a small GPU, and what is the best way to serve it?
 
-Plan: n = floor(V_GPU / (V_small + V_batch)), every term in bytes with its source. Check: start n real
-OpenAI-compatible llama.cpp servers on the exported GGUF, drive held-out prompts through all of them
-at once, measure memory, latency, throughput and answer validity (the task's checks), then compare against one instance
-taking the same load, and always stop every process started.
+Two fleets on the same memory budget take the same held-out requests at the same swept concurrency:
+the paper's n processes of one sequence each, n = floor(V_GPU / (V_small + V_batch)), and one
+llama-server whose N slots share one KV pool, N sized from the same budget. Each is measured the way
+people serve (TTFT, time per output token, end-to-end latency, goodput of valid answers within
+serve.slo_ms, capacity in concurrent users, memory per process); the best one is written down as a
+llama-server command line and an Ollama Modelfile, and `distill deploy` starts it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, atomic_write_json, atomic_write_text, prepare_output, require_input, stage_dir
+from distill.artifacts import (
+    StageRecord, atomic_write_json, atomic_write_text, is_complete, prepare_output, require_input, stage_dir,
+)  # fmt: skip
 from distill.config import PipelineConfig
 from distill.errors import DistillError
-from distill.stages.export import llama_cpp
+from distill.serving.fleet import (
+    claim_ports, gpu_bytes_by_pid, llama_server_binary, make_servers, running, sample_memory, scrape_metrics,
+)  # fmt: skip
+from distill.serving.load import SLO_QUANTILE, capacity, drive
+from distill.serving.memory import (
+    MIB, check_backend, compute_capability, format_plan, plan_serving, server_bytes, too_small,
+)  # fmt: skip
 from distill.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
-MIB = 2**20
-GIB = 2**30
-# Memory and compute capability of the GPUs we plan for. Gemma 3 needs bf16 (fp16 overflows), and
-# vLLM only runs bf16 from compute capability 8.0, so Turing cards serve it through llama.cpp.
-GPU_PROFILES: dict[str, tuple[int, float]] = {
-    "rtx2060-6gb": (6 * GIB, 7.5),
-    "rtx3060-12gb": (12 * GIB, 8.6),
-    "t4-16gb": (16 * GIB, 7.5),
-    "l4-24gb": (24 * GIB, 8.9),
-    "a10-24gb": (24 * GIB, 8.6),
-    "a100-40gb": (40 * GIB, 8.0),
-    "a100-80gb": (80 * GIB, 8.0),
-    "h100-80gb": (80 * GIB, 9.0),
-}
-KV_BYTES = 2  # llama.cpp keeps K and V in f16 by default
-SERVED_NAME = "student"
-LOGIT_BYTES = 4  # logits are f32
-UBATCH = 512  # llama.cpp's default physical batch: sizes its compute buffer
+# Gauges worth their peak under load (llama-server's and vLLM's names).
+PEAK_GAUGES = ("requests_deferred", "requests_processing", "n_busy_slots_per_decode", "num_requests_waiting",
+               "num_requests_running", "kv_cache_usage_perc")  # fmt: skip
+FP16_PROMPTS = 8
+CPU_NOTE = (
+    "This run was on CPU: memory is the servers' proportional set size (PSS: shared pages such as the "
+    "memory-mapped GGUF split between the processes that map them; no Python interpreter is counted), "
+    "and the GPU budget is only a limit the fleets had to fit in. On the GPU the weights, KV cache and "
+    "compute buffers live in VRAM, each process adds a CUDA context, and decoding is far faster, so "
+    "latency and throughput here are not the GPU's."
+)
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """What the KV cache and logits of one model depend on."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    hidden: int
-    sliding_window: int | None = None
-    sliding_layers: int = 0
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
 
 
-def geometry_of(config: Any) -> Geometry:
-    """From a transformers config (Gemma 3 marks each layer full or sliding in `layer_types`)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    return Geometry(
-        layers=config.num_hidden_layers,
-        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        head_dim=head_dim,
-        vocab=config.vocab_size,
-        hidden=config.hidden_size,
-        sliding_window=window,
-        sliding_layers=sum(t == "sliding_attention" for t in layer_types) if window else 0,
-    )
-
-
-def kv_cache_bytes(geo: Geometry, context: int, parallel: int, ubatch: int = UBATCH) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x cells x bytes. A sliding-window layer only keeps
-    its window plus one physical batch of cells per sequence, as llama.cpp's SWA cache does."""
-    per_cell_per_layer = 2 * geo.kv_heads * geo.head_dim * KV_BYTES
-    full_layers = geo.layers - geo.sliding_layers
-    swa_cells = min(context, (geo.sliding_window or 0) + ubatch)
-    return per_cell_per_layer * parallel * (full_layers * context + geo.sliding_layers * swa_cells)
-
-
-def compute_buffer_bytes(geo: Geometry, parallel: int, ubatch: int = UBATCH) -> int:
-    """The vocabulary-sized logits dominate: the output buffer holds one row per sequence, and the
-    compute graph is reserved for a whole physical batch of hidden states and logits."""
-    output_buffer = geo.vocab * parallel * LOGIT_BYTES
-    graph = ubatch * geo.vocab * LOGIT_BYTES + ubatch * geo.hidden * 4 * 8
-    return output_buffer + graph
-
-
-def budget_bytes(cfg: PipelineConfig) -> tuple[int, str]:
-    serve = cfg.serve
-    if serve.v_gpu_mb is not None:
-        return int(serve.v_gpu_mb * MIB), "serve.v_gpu_mb"
-    if serve.gpu_profile not in GPU_PROFILES:
-        raise DistillError(
-            f"serve.gpu_profile: unknown GPU '{serve.gpu_profile}'; use one of {', '.join(GPU_PROFILES)} "
-            "or set serve.v_gpu_mb"
-        )
-    return GPU_PROFILES[serve.gpu_profile][0], f"gpu profile {serve.gpu_profile}"
-
-
-def plan_serving(cfg: PipelineConfig, model_bytes: int | None = None, measured_small: int | None = None) -> dict[str, Any]:
-    """Every term of n = floor(V_GPU / (V_small + V_batch)) with where it came from."""
-    from distill.plan import load_arch
-
-    serve = cfg.serve
-    geo = geometry_of(load_arch(cfg, "student"))
-    v_gpu, gpu_source = budget_bytes(cfg)
-    kv = kv_cache_bytes(geo, serve.context, serve.parallel, serve.ubatch)
-    compute = compute_buffer_bytes(geo, serve.parallel, serve.ubatch)
-    if serve.v_small_mb is not None:
-        v_small, small_source = int(serve.v_small_mb * MIB), "serve.v_small_mb"
-    elif measured_small is not None:
-        v_small, small_source = measured_small, "measured: RSS of one real instance on this machine"
-    else:
-        weights, weights_source = _weights_bytes(cfg, model_bytes)
-        v_small = weights + int(serve.runtime_overhead_mb * MIB)
-        small_source = f"estimate: {weights_source} + serve.runtime_overhead_mb"
-    if serve.v_batch_mb is not None:
-        v_batch, batch_source = int(serve.v_batch_mb * MIB), "serve.v_batch_mb"
-    else:
-        v_batch, batch_source = kv + compute, "estimate: KV cache + compute buffers"
-    instances = v_gpu // (v_small + v_batch)
-    return {
-        "gpu": serve.gpu_profile if serve.v_gpu_mb is None else "custom",
-        "v_gpu_bytes": v_gpu,
-        "v_gpu_source": gpu_source,
-        "v_small_bytes": v_small,
-        "v_small_source": small_source,
-        "v_batch_bytes": v_batch,
-        "v_batch_source": batch_source,
-        "kv_cache_bytes": kv,
-        "compute_buffer_bytes": compute,
-        "geometry": geo.__dict__,
-        "context": serve.context,
-        "parallel": serve.parallel,
-        "ubatch": serve.ubatch,
-        "instances": int(instances),
-        "vllm_supported": _vllm_note(cfg),
-    }
-
-
-def _weights_bytes(cfg: PipelineConfig, model_bytes: int | None) -> tuple[int, str]:
-    if model_bytes is not None:
-        return model_bytes, "model file size"
-    from distill.gguf_writer import planned_size
-    from distill.plan import meta_model
-
-    if cfg.serve.backend == "vllm":
-        return 2 * sum(p.numel() for p in meta_model(cfg).parameters()), "bf16 weights of the student"
-    return planned_size(meta_model(cfg), cfg.export.format), f"planned {cfg.export.format} size of the student"
-
-
-def _vllm_note(cfg: PipelineConfig) -> str:
-    if cfg.serve.v_gpu_mb is not None:
-        return "unknown GPU: vLLM needs compute capability >= 8.0 for Gemma 3 (bf16)"
-    capability = GPU_PROFILES.get(cfg.serve.gpu_profile, (0, 0.0))[1]
-    if capability >= 8.0:
-        return f"yes: compute capability {capability} runs Gemma 3 in bf16 under vLLM"
-    return (
-        f"no: compute capability {capability} has no bf16 in vLLM and Gemma 3 overflows in fp16; "
-        "serve the Q8_0 GGUF through llama.cpp"
-    )
-
-
-def format_plan(plan: dict[str, Any]) -> list[tuple[str, str]]:
-    def mib(n: int) -> str:
-        return f"{n:,} B ({n / MIB:,.1f} MiB)"
-
-    return [
-        ("V_GPU", f"{mib(plan['v_gpu_bytes'])} — {plan['v_gpu_source']}"),
-        ("V_small", f"{mib(plan['v_small_bytes'])} — {plan['v_small_source']}"),
-        ("V_batch", f"{mib(plan['v_batch_bytes'])} — {plan['v_batch_source']}"),
-        ("  KV cache", mib(plan["kv_cache_bytes"])),
-        ("  compute buffers", mib(plan["compute_buffer_bytes"])),
-        ("n = floor(V_GPU / (V_small + V_batch))", str(plan["instances"])),
-        ("vLLM for this GPU", plan["vllm_supported"]),
-    ]
-
-
-@dataclass
-class Instance:
-    port: int
-    process: subprocess.Popen
-    log_path: Path
-    peak_rss: int = 0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def tail(self, lines: int = 8) -> str:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def sample_rss(self) -> int:
-        import psutil
-
-        try:
-            rss = psutil.Process(self.process.pid).memory_info().rss
-        except psutil.Error:
-            return self.peak_rss
-        self.peak_rss = max(self.peak_rss, rss)
-        return rss
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _ports(cfg: PipelineConfig, count: int) -> list[int]:
-    if cfg.serve.base_port is None:
-        return [free_port() for _ in range(count)]
-    ports = list(range(cfg.serve.base_port, cfg.serve.base_port + count))
-    busy = [p for p in ports if port_in_use(p)]
-    if busy:
-        raise DistillError(
-            f"serve.base_port: port {busy[0]} on 127.0.0.1 is already in use; free it or set another base_port"
-        )
-    return ports
-
-
-def server_command(cfg: PipelineConfig, model: Path, port: int) -> tuple[list[str], dict[str, str]]:
-    """The OpenAI-compatible server of one instance: llama.cpp on the GGUF, or vLLM on the merged model."""
-    s = cfg.serve
-    if s.backend == "llama_cpp":
-        return [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(s.context), "--n_ubatch", str(s.ubatch),
-            "--n_batch", str(s.ubatch), "--n_threads", str(s.threads_per_instance),
-            "--n_gpu_layers", "-1",  # offload everything on a GPU build; ignored by the CPU build
-        ], {}  # fmt: skip
-    import torch
-
-    gpu = torch.cuda.is_available()
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(s.context), "--max-num-seqs", str(s.parallel),
-        "--dtype", "bfloat16" if gpu else "float32", "--enforce-eager",
-    ]  # fmt: skip
-    if gpu:
-        return command + ["--gpu-memory-utilization", str(round(1 / max(1, s.max_instances or 1), 3))], {}
-    # The CPU build sizes its KV cache from this variable; one in-process engine starts fastest.
-    return command, {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(s.threads_per_instance)}
-
-
-@contextmanager
-def instances(cfg: PipelineConfig, model: Path, count: int, log_dir: Path) -> Iterator[list[Instance]]:
-    """Start `count` servers in their own process groups; always stop them all on exit."""
-    started: list[Instance] = []
-    try:
-        for port in _ports(cfg, count):
-            log_path = log_dir / f"instance-{port}.log"
-            command, env = server_command(cfg, model, port)
-            with log_path.open("w") as log_file:
-                process = subprocess.Popen(
-                    command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                )  # fmt: skip
-            started.append(Instance(port, process, log_path))
-        _wait_ready(started, cfg.serve.ready_timeout_s)
-        yield started
-    finally:
-        stop(started)
-
-
-def stop(started: list[Instance]) -> None:
-    """SIGTERM each process group, then SIGKILL whatever is still alive after a grace period."""
-    for inst in started:
-        if inst.process.poll() is None:
-            with _suppress_lookup():
-                os.killpg(inst.process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for inst in started:
-        try:
-            inst.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with _suppress_lookup():
-                os.killpg(inst.process.pid, signal.SIGKILL)
-            inst.process.wait()
-
-
-@contextmanager
-def _suppress_lookup() -> Iterator[None]:
-    try:
-        yield
-    except ProcessLookupError:
-        pass
-
-
-def _wait_ready(started: list[Instance], timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    pending = list(started)
-    while pending:
-        for inst in list(pending):
-            if inst.process.poll() is not None:
-                raise DistillError(
-                    f"serve: instance on port {inst.port} exited with code {inst.process.returncode} while "
-                    f"starting; last log lines ({inst.log_path}): {inst.tail()}"
-                )
-            try:
-                if httpx.get(f"{inst.url}/models", timeout=2).status_code == 200:
-                    pending.remove(inst)
-            except httpx.HTTPError:
-                pass
-        if pending and time.monotonic() > deadline:
-            inst = pending[0]
-            raise DistillError(
-                f"serve: instance on port {inst.port} not ready after {timeout:.0f} s (serve.ready_timeout_s); "
-                f"last log lines ({inst.log_path}): {inst.tail()}"
-            )
-        if pending:
-            time.sleep(0.25)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    rank = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
-
-def drive_load(
-    targets: list[Instance], requests: list[dict[str, Any]], concurrency: int, cfg: PipelineConfig, task: Task
-) -> dict[str, Any]:
-    """Send every request once, spread round-robin over the targets with `concurrency` in flight,
-    sampling each server's memory meanwhile. Returns latency, throughput and validity."""
-    import threading
-
-    import httpx
-
-    stop_sampling = threading.Event()
-
-    def sample() -> None:
-        while not stop_sampling.is_set():
-            for inst in targets:
-                inst.sample_rss()
-            stop_sampling.wait(0.2)
-
-    def one(i: int) -> dict[str, Any]:
-        inst = targets[i % len(targets)]
-        req = requests[i]
-        body = {
-            "model": SERVED_NAME,
-            "messages": [{"role": "user", "content": req["prompt"]}],
-            "max_tokens": cfg.serve.max_tokens,
-            "temperature": 0.0,
-        }
-        start = time.perf_counter()
-        response = httpx.post(f"{inst.url}/chat/completions", json=body, timeout=cfg.serve.request_timeout_s)
-        latency = time.perf_counter() - start
-        if response.status_code != 200:
-            raise DistillError(f"serve: instance on port {inst.port} answered HTTP {response.status_code}: {response.text[:200]}")
-        data = response.json()
-        text = data["choices"][0]["message"]["content"] or ""
-        valid = not task.check(text, json.loads(req["payload"]))
-        inst.latencies.append(latency)
-        return {"latency": latency, "tokens": data.get("usage", {}).get("completion_tokens", 0), "valid": valid}
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            results = list(pool.map(one, range(len(requests))))
-    finally:
-        stop_sampling.set()
-        sampler.join()
-    wall = time.perf_counter() - start
-    latencies = [r["latency"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    return {
-        "instances": len(targets),
-        "concurrency": concurrency,
-        "requests": len(results),
-        "wall_s": round(wall, 3),
-        "latency_s": {
-            "p50": round(_percentile(latencies, 50), 4),
-            "p95": round(_percentile(latencies, 95), 4),
-            "max": round(max(latencies), 4),
-        },
-        "answers_per_s": round(len(results) / wall, 3),
-        "tokens_per_s": round(tokens / wall, 1),
-        "completion_tokens": tokens,
-        "valid_share": round(sum(r["valid"] for r in results) / len(results), 4),
-        "peak_rss_bytes": [inst.peak_rss for inst in targets],
-    }
-
-
-def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
-    split = dataset["test"] if len(dataset["test"]) else dataset["validation"]
-    rows = [split[i % len(split)] for i in range(count)]
-    return [{"prompt": r["prompt"], "payload": r["payload"]} for r in rows]
+def fleet_label(fleet: str, servers: int, slots: int) -> str:
+    """"5 processes x 1 slot" or "1 server x 180 slots"."""
+    return f"{_count(servers, 'server' if fleet == 'slots' else 'process')} x {_count(slots, 'slot')}"
 
 
 def find_gguf(cfg: PipelineConfig) -> Path:
@@ -431,22 +65,8 @@ def find_gguf(cfg: PipelineConfig) -> Path:
     return existing[0]
 
 
-def _device(cfg: PipelineConfig) -> str:
-    if cfg.serve.backend == "llama_cpp":
-        return "gpu" if llama_cpp("serve").llama_supports_gpu_offload() else "cpu"
-    import torch
-
-    return "gpu" if torch.cuda.is_available() else "cpu"
-
-
-def check_backend(cfg: PipelineConfig) -> None:
-    """vLLM runs Gemma 3 only in bf16, which it supports from compute capability 8.0."""
-    if cfg.serve.backend == "vllm" and cfg.serve.v_gpu_mb is None and GPU_PROFILES.get(cfg.serve.gpu_profile, (0, 8.0))[1] < 8.0:
-        raise DistillError(f"serve.backend=vllm: {_vllm_note(cfg)}; set serve.backend=llama_cpp")
-
-
 def served_model(cfg: PipelineConfig) -> Path:
-    """What the instances load: the GGUF for llama.cpp, the merged folder for vLLM."""
+    """What the servers load: the GGUF for llama.cpp, the merged folder for vLLM."""
     check_backend(cfg)
     if cfg.serve.backend == "llama_cpp":
         return find_gguf(cfg)
@@ -458,75 +78,223 @@ def model_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
+    split = dataset["test"] if len(dataset["test"]) else dataset["validation"]
+    rows = [split[i % len(split)] for i in range(count)]
+    return [{"prompt": r["prompt"], "payload": json.loads(r["payload"])} for r in rows]
+
+
+def measure_fleet(
+    cfg: PipelineConfig, model: Path, task: Task, requests: list[dict[str, Any]], log_dir: Path,
+    name: str, count: int, slots: int, threads: int, planned_each: int, v_gpu: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Start one fleet, sweep the concurrency levels over it, and stop it."""
+    s = cfg.serve
+    ports = claim_ports(s.base_port, count, "serve.base_port")
+    servers = make_servers(cfg, model, ports, slots, threads, log_dir, name)
+    peaks: dict[str, float] = {}
+
+    def tick() -> None:
+        gpu = gpu_bytes_by_pid()
+        for server in servers:
+            sample_memory(server, gpu)
+            for key, value in scrape_metrics(server).items():
+                if any(key.endswith(g) for g in PEAK_GAUGES):
+                    peaks[key] = max(peaks.get(key, 0.0), value)
+
+    def check(text: str, payload: dict[str, Any]) -> bool:
+        return not task.check(text, payload)
+
+    levels = []
+    with running(servers, s.ready_timeout_s):
+        # One untimed request per server first (page faults and first-use allocations are not a user's
+        # wait), from the end of the list: a level's first prompt must not find itself already cached.
+        drive(
+            [sv.url for sv in servers], requests[-len(servers) :], len(servers), 8, s.request_timeout_s, check, s.slo_ms
+        )
+        for users in s.concurrency:
+            batch = requests[: max(s.requests, users)]
+            log.info(
+                "serve: %s fleet (%d x %d slots), %d concurrent users, %d requests",
+                name,
+                count,
+                slots,
+                users,
+                len(batch),
+            )
+            levels.append(
+                drive(
+                    [sv.url for sv in servers], batch, users, s.max_tokens, s.request_timeout_s, check, s.slo_ms, tick
+                )
+            )
+        totals: dict[str, float] = {}
+        for server in servers:
+            for key, value in scrape_metrics(server).items():
+                # counters add up over the fleet; the longest sequence is the longest of any server
+                merge = max if key.endswith("n_tokens_max") else float.__add__
+                totals[key] = merge(totals.get(key, 0.0), value)
+    measure = "gpu_bytes" if any("gpu_bytes" in sv.peak for sv in servers) else "pss_bytes"
+    largest = max(sv.peak.get(measure, 0) for sv in servers)
+    return {
+        "servers": count,
+        "slots_each": slots,
+        "threads_each": threads,
+        "command": servers[0].command,
+        "levels": levels,
+        "capacity": capacity(levels),
+        "best_goodput_per_s": max(lv["goodput_per_s"] for lv in levels),
+        "memory": [{"port": sv.port, **sv.peak} for sv in servers],
+        "memory_measure": measure,
+        "planned_bytes_each": planned_each,
+        # The plan held when every process stayed inside what it was planned to hold, and the fleet inside V_GPU.
+        "budget_held": largest <= planned_each and sum(sv.peak.get(measure, 0) for sv in servers) <= v_gpu,
+        "metrics_peak": peaks,
+        "metrics_total": {k: v for k, v in totals.items() if k.endswith(("_total", "n_tokens_max"))},
+    }
+
+
+def choose(fleets: dict[str, dict[str, Any]], slo_ms: float) -> dict[str, Any]:
+    """The fleet that serves the most users within the SLO, then the most goodput and throughput at that
+    load; where none meets the SLO at any load, the one closest to it at the lightest load."""
+
+    def at_capacity(name: str) -> dict[str, Any]:
+        return next(lv for lv in fleets[name]["levels"] if lv["concurrency"] == fleets[name]["capacity"])
+
+    def rank(name: str) -> tuple[float, ...]:
+        fleet = fleets[name]
+        if not fleet["capacity"]:
+            return (0, 0, 0)
+        return (fleet["capacity"], at_capacity(name)["goodput_per_s"], at_capacity(name)["requests_per_s"])
+
+    name = max(fleets, key=rank)
+    if fleets[name]["capacity"] > 0:
+        level, meets = at_capacity(name), True
+    else:
+        name = min(fleets, key=lambda n: fleets[n]["levels"][0]["e2e_ms"][f"p{SLO_QUANTILE}"])
+        level, meets = fleets[name]["levels"][0], False
+    fleet = fleets[name]
+    return {
+        "fleet": name,
+        "servers": fleet["servers"],
+        "slots_each": fleet["slots_each"],
+        "threads_each": fleet["threads_each"],
+        "meets_slo": meets,
+        "capacity": fleet["capacity"],
+        "level": level,
+        "command": fleet["command"],
+    }
+
+
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
+    s = cfg.serve
     folder = stage_dir(cfg, "serve")
     model = served_model(cfg)
     require_input(cfg, "generate")
-    if cfg.serve.backend == "llama_cpp":
-        llama_cpp("serve")  # the instances run its server module: say so before starting any
+    if s.backend == "llama_cpp":
+        llama_server_binary(cfg)  # say it is missing before anything starts
     task = load_task(cfg)  # a broken task fails before the output folder is touched
+    plan = plan_serving(cfg, model_bytes=model_bytes(model))
+    if problem := too_small(plan):
+        raise DistillError(problem)
     if prepare_output(cfg, "serve", overwrite) == "skip":
         log.info("serve: complete, skipping (%s)", folder)
         return folder
-    log.info("serve config: %s", cfg.serve.model_dump())
-    upstream = "export" if cfg.serve.backend == "llama_cpp" else "merge"
+    log.info("serve config: %s", s.model_dump())
+    upstream = "export" if s.backend == "llama_cpp" else "merge"
     record = StageRecord(cfg, "serve", inputs=(upstream, "generate"))
-    estimate = plan_serving(cfg, model_bytes=model_bytes(model))
     log_dir = folder / "logs"
     log_dir.mkdir(exist_ok=True)
+    requests = _held_out_requests(cfg, max(s.requests, *s.concurrency))
 
-    with instances(cfg, model, 1, log_dir) as probe:
-        idle_rss = probe[0].sample_rss()
-    plan = plan_serving(cfg, model_bytes=model_bytes(model), measured_small=idle_rss)
-    if plan["instances"] < 1:
-        need = plan["v_small_bytes"] + plan["v_batch_bytes"]
-        raise DistillError(
-            f"serve: budget {plan['v_gpu_bytes'] / MIB:,.0f} MiB ({plan['v_gpu_source']}) is too small for one "
-            f"instance: it needs {need / MIB:,.0f} MiB, {(need - plan['v_gpu_bytes']) / MIB:,.0f} MiB missing"
-        )
-    started = min(plan["instances"], cfg.serve.max_instances or plan["instances"])
-    requests = _held_out_requests(cfg, cfg.serve.requests)
-    log.info("serve: plan says %d instances; starting %d on this machine", plan["instances"], started)
-    with instances(cfg, model, started, log_dir) as fleet:
-        multi = drive_load(fleet, requests, started * cfg.serve.parallel, cfg, task)
-    with instances(cfg, model, 1, log_dir) as single:
-        one = drive_load(single, requests, started * cfg.serve.parallel, cfg, task)
-
-    measured_total = sum(multi["peak_rss_bytes"])
-    slot = plan["v_small_bytes"] + plan["v_batch_bytes"]
+    processes = min(plan["instances"], s.max_instances or plan["instances"])
+    slots = min(plan["slots"], s.max_slots or plan["slots"])
+    log.info("serve: plan says %d processes or 1 server with %d slots; measuring %d and %d", plan["instances"],
+             plan["slots"], processes, slots)  # fmt: skip
+    fleets: dict[str, dict[str, Any]] = {}
+    if processes:
+        fleets["processes"] = measure_fleet(cfg, model, task, requests, log_dir, "processes", processes, s.parallel,
+                                            s.threads_per_instance, plan["v_small_bytes"] + plan["v_batch_bytes"],
+                                            plan["v_gpu_bytes"])  # fmt: skip
+    # Same CPU for both: the one server gets the threads the processes had together.
+    fleets["slots"] = measure_fleet(cfg, model, task, requests, log_dir, "slots", 1, slots,
+                                    s.threads_per_instance * max(1, processes), server_bytes(plan, slots),
+                                    plan["v_gpu_bytes"])  # fmt: skip
+    best = choose(fleets, s.slo_ms)
+    fp16 = _fp16(cfg, requests) if s.backend == "llama_cpp" else None
     report = {
         "unit": task.unit,
-        "backend": cfg.serve.backend,
-        "device": _device(cfg),
-        "estimate": estimate,
+        "backend": s.backend,
+        "device": "gpu" if any(f["memory_measure"] == "gpu_bytes" for f in fleets.values()) else "cpu",
+        "slo_ms": s.slo_ms,
         "plan": plan,
-        "instances_started": started,
-        "multi_instance": multi,
-        "single_instance": one,
-        "measured_total_bytes": measured_total,
-        "slot_bytes": slot,
-        # The plan holds when every instance stayed inside its slot (V_small + V_batch) and all together
-        # inside V_GPU.
-        "budget_held": max(multi["peak_rss_bytes"]) <= slot and measured_total <= plan["v_gpu_bytes"],
-        "winner": "multi_instance" if multi["answers_per_s"] >= one["answers_per_s"] else "single_instance",
+        "processes_started": processes,
+        "slots_started": slots,
+        "fleets": fleets,
+        "best": best,
+        "fp16": fp16,
     }
+    record.files = {"report": "report.json", "report_md": "report.md"}
+    if s.backend == "llama_cpp":
+        record.files.update(_write_portable(cfg, model, folder, best))
     atomic_write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", render_report(report))
-    record.metrics = {k: report[k] for k in ("instances_started", "measured_total_bytes", "budget_held", "winner")}
-    record.metrics.update(
-        instances_planned=plan["instances"],
-        answers_per_s=multi["answers_per_s"],
-        latency_p50_s=multi["latency_s"]["p50"],
-        latency_p95_s=multi["latency_s"]["p95"],
-        valid_share=multi["valid_share"],
-    )
-    record.files = {"report": "report.json", "report_md": "report.md"}
+    level = best["level"]
+    record.metrics = {
+        "instances_planned": plan["instances"],
+        "slots_planned": plan["slots"],
+        "processes_started": processes,
+        "slots_started": slots,
+        "best_fleet": best["fleet"],
+        "meets_slo": best["meets_slo"],
+        "slo_ms": s.slo_ms,
+        "capacity": best["capacity"],
+        "goodput_per_s": level["goodput_per_s"],
+        "requests_per_s": level["requests_per_s"],
+        "e2e_p50_ms": level["e2e_ms"]["p50"],
+        "e2e_p95_ms": level["e2e_ms"]["p95"],
+        "valid_share": level["valid_share"],
+        "budget_held": {name: fleet["budget_held"] for name, fleet in fleets.items()},
+    }
     return record.finish()
 
 
+def _fp16(cfg: PipelineConfig, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    from distill.serving.fp16 import fp16_risk
+
+    merged = stage_dir(cfg, "merge") / "model" if is_complete(cfg, "merge") else None
+    return fp16_risk(compute_capability(cfg), merged, [r["prompt"] for r in requests[:FP16_PROMPTS]])
+
+
+def _write_portable(cfg: PipelineConfig, model: Path, folder: Path, best: dict[str, Any]) -> dict[str, str]:
+    from distill.serving.portable import launch_script, modelfile
+
+    what = fleet_label(best["fleet"], best["servers"], best["slots_each"])
+    note = f"The configuration `distill serve` measured best: {what}" + (
+        f"; run {best['servers']} of these on different ports behind a balancer, or use `distill deploy`"
+        if best["servers"] > 1 else ""
+    )  # fmt: skip
+    script = folder / "llama-server.sh"
+    atomic_write_text(script, launch_script(best["command"], model, folder, note))
+    script.chmod(0o755)
+    sampling = {
+        "temperature": cfg.eval.temperature,
+        "num_predict": cfg.eval.max_new_tokens,
+        "num_ctx": cfg.serve.context,
+    }
+    atomic_write_text(folder / "Modelfile", modelfile(model, folder, sampling))
+    return {"llama_server_command": script.name, "ollama_modelfile": "Modelfile"}
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:,.0f} MiB"
+
+
 def render_report(report: dict[str, Any]) -> str:
-    plan, multi, one = report["plan"], report["multi_instance"], report["single_instance"]
-    started, planned = report["instances_started"], plan["instances"]
+    plan, fleets, best, unit = report["plan"], report["fleets"], report["best"], report["unit"]
+    slo = report["slo_ms"]
     lines = [
         "# Serving check",
         "",
@@ -534,33 +302,86 @@ def render_report(report: dict[str, Any]) -> str:
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in format_plan(plan)),
         "",
-        f"Planned {planned} instances; started {started} here"
-        + (" (capped by serve.max_instances)." if started < planned else "."),
-        "",
-        f"| setup | {report['unit']}s/s | tokens/s | p50 s | p95 s | max s | valid | peak memory |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, res in ((f"{started} instances x 1 sequence", multi), (f"1 instance, {multi['concurrency']} in flight", one)):
-        lat = res["latency_s"]
+    if "processes" in fleets:
+        capped = " (capped by serve.max_instances)" if report["processes_started"] < plan["instances"] else ""
         lines.append(
-            f"| {name} | {res['answers_per_s']} | {res['tokens_per_s']} | {lat['p50']} | {lat['p95']} | {lat['max']} "
-            f"| {res['valid_share']:.0%} | {sum(res['peak_rss_bytes']) / MIB:,.0f} MiB |"
+            f"Paper's fleet: planned {plan['instances']} processes; measured {report['processes_started']}{capped}."
         )
-    winner = "several single-sequence instances" if report["winner"] == "multi_instance" else "one instance"
+    else:
+        lines.append("Paper's fleet: not one process of V_small + V_batch fits V_GPU; measured the server alone.")
+    capped = " (capped by serve.max_slots)" if report["slots_started"] < plan["slots"] else ""
+    lines += [
+        f"One server: planned {plan['slots']} slots; measured {report['slots_started']}{capped}.",
+        "",
+        (
+            f"SLO: {SLO_QUANTILE}% of requests end to end within {slo:g} ms. Goodput: {unit}s/s that pass the "
+            "task's checks and finish within the SLO. Times in ms as p50 / p95 / p99."
+        ),
+        "",
+        "| fleet | users | req/s | out tok/s | TTFT | TPOT | end to end | valid | within SLO | goodput/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, fleet in fleets.items():
+        label = fleet_label(name, fleet["servers"], fleet["slots_each"])
+        for lv in fleet["levels"]:
+            pct = {k: " / ".join(f"{v:g}" for v in lv[k].values()) for k in ("ttft_ms", "tpot_ms", "e2e_ms")}
+            lines.append(
+                f"| {label} | {lv['concurrency']} | {lv['requests_per_s']} | {lv['output_tokens_per_s']} "
+                f"| {pct['ttft_ms']} | {pct['tpot_ms']} | {pct['e2e_ms']} | {lv['valid_share']:.0%} "
+                f"| {lv['within_slo_share']:.0%} | {lv['goodput_per_s']} |"
+            )
     lines += [
         "",
-        f"More {report['unit']}s/s: **{winner}** on the same load.",
-        f"Budget held: **{'yes' if report['budget_held'] else 'no'}** — largest instance "
-        f"{max(multi['peak_rss_bytes']) / MIB:,.0f} MiB against a slot of {report['slot_bytes'] / MIB:,.0f} MiB "
-        f"(V_small + V_batch); {started} instances together {report['measured_total_bytes'] / MIB:,.0f} MiB "
-        f"against V_GPU {plan['v_gpu_bytes'] / MIB:,.0f} MiB.",
-        "",
+        "| fleet | capacity (users within SLO) | memory per process (peak) | planned per process | plan held |",
+        "|---|---|---|---|---|",
     ]
-    if report["device"] == "cpu":
+    for name, fleet in fleets.items():
+        measure = fleet["memory_measure"]
+        per = ", ".join(_memory_cell(m, measure) for m in fleet["memory"])
         lines.append(
-            "This run was on CPU: memory is process RSS (it includes the Python server, which on a GPU would "
-            "sit in host memory, not VRAM), and the GPU budget is only a limit the instances had to fit in. On "
-            "the GPU, weights, KV cache and compute buffers live in VRAM, the CUDA context adds a fixed cost per "
-            "process, and decoding is far faster, so latency and throughput here are not the GPU's."
+            f"| {name} | {fleet['capacity']} | {per} | {_mib(fleet['planned_bytes_each'])} "
+            f"| {'yes' if fleet['budget_held'] else 'no'} |"
         )
+    lines += ["", *_metrics_lines(fleets), ""]
+    what = fleet_label(best["fleet"], best["servers"], best["slots_each"])
+    level = best["level"]
+    if best["meets_slo"]:
+        lines.append(
+            f"Best: **{what}**: {best['capacity']} concurrent users within the SLO, goodput "
+            f"{level['goodput_per_s']} {unit}s/s at that load (`distill deploy` starts it; `llama-server.sh` and "
+            "`Modelfile` beside this report)."
+        )
+    else:
+        lines.append(
+            f"**No configuration meets serve.slo_ms={slo:g}**; closest: {what} with one user, p{SLO_QUANTILE} "
+            f"{level['e2e_ms'][f'p{SLO_QUANTILE}']:g} ms. Raise serve.slo_ms, lower serve.max_tokens, or use a "
+            "faster card."
+        )
+    if report["fp16"]:
+        lines += ["", f"fp16: {report['fp16']['note']}."]
+    if report["device"] == "cpu":
+        lines += ["", CPU_NOTE]
     return "\n".join(lines) + "\n"
+
+
+def _memory_cell(memory: dict[str, Any], measure: str) -> str:
+    if measure == "gpu_bytes":
+        return f"{_mib(memory.get('gpu_bytes', 0))} GPU"
+    return f"{_mib(memory.get('pss_bytes', 0))} PSS / {_mib(memory.get('uss_bytes', 0))} USS"
+
+
+def _metrics_lines(fleets: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, fleet in fleets.items():
+        peaks = fleet["metrics_peak"]
+        if not peaks and not fleet["metrics_total"]:
+            continue
+        # n_busy_slots_per_decode is the server's own running mean; the others are instantaneous gauges
+        shown = ", ".join(
+            f"{k.split(':')[-1]} {'(mean so far) ' if k.endswith('per_decode') else ''}{v:g}" for k, v in sorted(peaks.items())
+        )
+        longest = next((v for k, v in fleet["metrics_total"].items() if k.endswith("n_tokens_max")), None)
+        extra = f"; longest sequence {longest:g} tokens" if longest is not None else ""
+        lines.append(f"/metrics of the {name} fleet under load (peak): {shown or 'none'}{extra}.")
+    return lines

@@ -379,7 +379,8 @@ def _metrics_lines(fleets: dict[str, dict[str, Any]]) -> list[str]:
             continue
         # n_busy_slots_per_decode is the server's own running mean; the others are instantaneous gauges
         shown = ", ".join(
-            f"{k.split(':')[-1]} {'(mean so far) ' if k.endswith('per_decode') else ''}{v:g}" for k, v in sorted(peaks.items())
+            f"{k.split(':')[-1]} {'(mean so far) ' if k.endswith('per_decode') else ''}{v:g}"
+            for k, v in sorted(peaks.items())
         )
         longest = next((v for k, v in fleet["metrics_total"].items() if k.endswith("n_tokens_max")), None)
         extra = f"; longest sequence {longest:g} tokens" if longest is not None else ""

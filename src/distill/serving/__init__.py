@@ -1,0 +1,1 @@
+"""Serving the student: the memory plan, server processes, the load generator, deploy, portable artefacts."""

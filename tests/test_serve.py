@@ -51,17 +51,39 @@ def test_best_fleet_is_most_users_then_goodput_and_closest_when_none_meets() -> 
         rows = [{"concurrency": c, "meets_slo": m, "goodput_per_s": g, "requests_per_s": g,
                  "e2e_ms": {"p95": p95}} for c, m, g, p95 in levels]  # fmt: skip
         return {"servers": 1, "slots_each": 1, "threads_each": 1, "command": [], "levels": rows,
-                "capacity": capacity(rows), "best_goodput_per_s": max(r["goodput_per_s"] for r in rows)}  # fmt: skip
+                "capacity": capacity(rows)}  # fmt: skip
 
     wide = fleet([(1, True, 1.0, 100), (4, True, 2.0, 400)])
     narrow = fleet([(1, True, 3.0, 50), (4, False, 5.0, 2000)])
-    best = choose({"processes": narrow, "slots": wide}, 500)
+    best = choose({"processes": narrow, "slots": wide})
     assert best["fleet"] == "slots" and best["capacity"] == 4 and best["level"]["goodput_per_s"] == 2.0
     tie = fleet([(1, True, 1.0, 100), (4, True, 3.0, 400)])
-    assert choose({"processes": tie, "slots": wide}, 500)["fleet"] == "processes"
+    assert choose({"processes": tie, "slots": wide})["fleet"] == "processes"
     slow, slower = fleet([(1, False, 0.0, 900)]), fleet([(1, False, 0.0, 1200)])
-    closest = choose({"processes": slower, "slots": slow}, 500)
+    closest = choose({"processes": slower, "slots": slow})
     assert closest["fleet"] == "slots" and closest["meets_slo"] is False and closest["level"]["e2e_ms"]["p95"] == 900
+
+
+def test_llama_server_is_the_configured_one_else_beside_python_else_on_path(monkeypatch, tmp_path) -> None:
+    from distill.errors import DistillError
+    from distill.serving.fleet import llama_server_binary
+
+    cfg = load_config(REPO / "configs/paper.yaml")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "path").mkdir()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv/python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
+    with pytest.raises(DistillError, match=r"llama-server not found beside this Python or on PATH; run `make setup`"):
+        llama_server_binary(cfg)
+    for folder in ("path", "venv"):
+        binary = tmp_path / folder / "llama-server"
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+        assert llama_server_binary(cfg) == binary  # beside the python wins over PATH
+    own = tmp_path / "own-build"
+    own.write_text("#!/bin/sh\n")
+    own.chmod(0o755)
+    assert llama_server_binary(load_config(REPO / "configs/paper.yaml", [f"serve.llama_server={own}"])) == own
 
 
 def test_missing_gguf_names_the_command(tmp_path) -> None:
@@ -127,7 +149,7 @@ def test_both_fleets_take_the_same_load_and_the_report_says_which_serves_more(se
     assert manifest["metrics"]["best_fleet"] == report["best"]["fleet"]
     assert manifest["files"]["llama_server_command"] == "llama-server.sh"
     markdown = (folder / "report.md").read_text()
-    assert "N = floor((V_GPU - weights - graph) / per slot)" in markdown and "goodput/s" in markdown
+    assert "N = floor((V_GPU - weights - graph) / per slot), at most 256" in markdown and "goodput/s" in markdown
     assert "This run was on CPU" in markdown and "fp16: compute capability 7.5" in markdown
     assert servers_of(cfg.run_path / "export") == []
 

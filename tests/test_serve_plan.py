@@ -68,6 +68,8 @@ def test_one_server_slots_share_the_budget_the_processes_split() -> None:
     assert plan["slots"] == (6 * 2**30 - weights - graph) // per_slot == 180
     assert plan["instances"] == 6 * 2**30 // (weights + 28_311_552 + 262_144 * 4 + graph) == 5
     assert server_bytes(plan, 180) <= 6 * 2**30 < server_bytes(plan, 181)
+    # llama.cpp takes at most 256 sequences in one context, however much memory is left
+    assert plan_serving(load_config(REPO / "configs/paper.yaml", ["serve.gpu_profile=h100-80gb"]))["slots"] == 256
     # a given V_batch cannot be split into graph and per-sequence parts: each slot pays all of it
     cfg = load_config(REPO / "configs/paper.yaml", ["serve.v_small_mb=300", "serve.v_batch_mb=200"])
     assert plan_serving(cfg)["slots"] == (6144 - 300) // 200

@@ -2,7 +2,8 @@
 
 The paper's fleet: n = floor(V_GPU / (V_small + V_batch)) processes of one sequence each. The server's
 way: one process holding the weights once, with N slots sharing one KV pool, N = the most slots whose
-KV cache and output rows fit beside the weights and one compute graph in the same V_GPU.
+KV cache and output rows fit beside the weights and one compute graph in the same V_GPU (llama.cpp takes
+at most 256).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ GPU_PROFILES: dict[str, tuple[int, float]] = {
 KV_BYTES = 2  # llama.cpp keeps K and V in f16 by default
 LOGIT_BYTES = 4  # logits are f32
 UBATCH = 512  # llama.cpp's default physical batch: sizes its compute buffer
-FLEETS = ("processes", "slots")
+LLAMA_MAX_SEQ = 256  # llama.cpp refuses a context with more sequences (slots) than this
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def plan_serving(cfg: PipelineConfig, model_bytes: int | None = None) -> dict[st
         "instances": int(v_gpu // (v_small + v_batch)),
         "server_fixed_bytes": server_fixed,
         "server_per_slot_bytes": per_slot,
-        "slots": int(max(0, v_gpu - server_fixed) // per_slot),
+        "slots": min(LLAMA_MAX_SEQ, int(max(0, v_gpu - server_fixed) // per_slot)),
         "vllm_supported": _vllm_note(cfg),
     }
 
@@ -207,6 +208,9 @@ def format_plan(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ("n = floor(V_GPU / (V_small + V_batch))", f"{plan['instances']} processes"),
         ("one server: weights + graph", mib(plan["server_fixed_bytes"])),
         ("one server: per slot (KV + output row)", mib(plan["server_per_slot_bytes"])),
-        ("N = floor((V_GPU - weights - graph) / per slot)", f"{plan['slots']} slots in one process"),
+        (
+            f"N = floor((V_GPU - weights - graph) / per slot), at most {LLAMA_MAX_SEQ}",
+            f"{plan['slots']} slots in one process",
+        ),
         ("vLLM for this GPU", plan["vllm_supported"]),
     ]

@@ -117,19 +117,9 @@ def measure_fleet(
         )
         for users in s.concurrency:
             batch = requests[: max(s.requests, users)]
-            log.info(
-                "serve: %s fleet (%d x %d slots), %d concurrent users, %d requests",
-                name,
-                count,
-                slots,
-                users,
-                len(batch),
-            )
-            levels.append(
-                drive(
-                    [sv.url for sv in servers], batch, users, s.max_tokens, s.request_timeout_s, check, s.slo_ms, tick
-                )
-            )
+            log.info("serve: %s, %d concurrent users, %d requests", fleet_label(name, count, slots), users, len(batch))
+            urls = [sv.url for sv in servers]
+            levels.append(drive(urls, batch, users, s.max_tokens, s.request_timeout_s, check, s.slo_ms, tick))
         totals: dict[str, float] = {}
         for server in servers:
             for key, value in scrape_metrics(server).items():
@@ -145,7 +135,6 @@ def measure_fleet(
         "command": servers[0].command,
         "levels": levels,
         "capacity": capacity(levels),
-        "best_goodput_per_s": max(lv["goodput_per_s"] for lv in levels),
         "memory": [{"port": sv.port, **sv.peak} for sv in servers],
         "memory_measure": measure,
         "planned_bytes_each": planned_each,
@@ -156,7 +145,7 @@ def measure_fleet(
     }
 
 
-def choose(fleets: dict[str, dict[str, Any]], slo_ms: float) -> dict[str, Any]:
+def choose(fleets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The fleet that serves the most users within the SLO, then the most goodput and throughput at that
     load; where none meets the SLO at any load, the one closest to it at the lightest load."""
 
@@ -222,7 +211,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     fleets["slots"] = measure_fleet(cfg, model, task, requests, log_dir, "slots", 1, slots,
                                     s.threads_per_instance * max(1, processes), server_bytes(plan, slots),
                                     plan["v_gpu_bytes"])  # fmt: skip
-    best = choose(fleets, s.slo_ms)
+    best = choose(fleets)
     fp16 = _fp16(cfg, requests) if s.backend == "llama_cpp" else None
     report = {
         "unit": task.unit,

@@ -169,12 +169,9 @@ def test_the_written_command_and_modelfile_serve_the_same_model(served, tmp_path
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
-                break
-            except (httpx.HTTPError, ValueError):
-                time.sleep(0.3)
+        while time.time() < deadline and not _answers(port):  # 503 while the model loads
+            time.sleep(0.3)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
         assert [m["id"] for m in models["data"]] == ["student"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

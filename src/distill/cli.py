@@ -124,7 +124,7 @@ def serve(
     config: ConfigArg,
     overrides: OverridesArg = None,
     overwrite: OverwriteOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the instance plan; start nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print both fleets' plans; start nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan the paper's n processes and one server with N slots on the same GPU budget, then measure both

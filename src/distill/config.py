@@ -330,7 +330,7 @@ class ServeConfig(Strict):
     base_port: int | None = Field(
         None, ge=1024, le=65535, description="First port of the instances; default: free ports chosen by the OS."
     )
-    requests: int = Field(32, ge=1, description="Held-out prompts sent at each concurrency level (at least one per user).")
+    requests: int = Field(32, ge=1, description="Held-out prompts sent per concurrency level (at least one per user).")
     max_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     ready_timeout_s: float = Field(120, gt=0, description="Seconds to wait for an instance to be ready.")
     request_timeout_s: float = Field(600, gt=0, description="Seconds to wait for one answer.")

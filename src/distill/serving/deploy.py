@@ -36,6 +36,7 @@ class Front:
             def forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 index = front.pick()
+                started = False
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "authorization")}
                     request = front.client.build_request(self.command, front.servers[index].url + self.path,
@@ -45,15 +46,17 @@ class Front:
                         self.send_response(response.status_code)
                         if "content-type" in response.headers:
                             self.send_header("Content-Type", response.headers["content-type"])
-                        self.send_header("Connection", "close")
+                        self.send_header("Connection", "close")  # the body ends when the connection does
                         self.end_headers()
-                        for chunk in response.iter_raw():
+                        started = True
+                        for chunk in response.iter_bytes():  # decoded: no content encoding is passed on
                             self.wfile.write(chunk)
                             self.wfile.flush()
                     finally:
                         response.close()
                 except httpx.HTTPError as exc:
-                    self.send_error(502, f"server on port {front.servers[index].port}: {exc}")
+                    if not started:  # after the status line, a broken answer can only end early
+                        self.send_error(502, f"server on port {front.servers[index].port}: {exc}")
                 finally:
                     front.release(index)
 

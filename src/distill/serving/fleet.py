@@ -42,7 +42,6 @@ class Server:
     log_path: Path
     process: subprocess.Popen | None = None
     ready: bool = False  # answering since its last start
-    restarts: int = 0
     peak: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -237,7 +236,6 @@ def restart_dead(servers: list[Server], ready_timeout: float) -> list[str]:
                 f"server on port {server.port} exited with code {server.process.returncode}; restarted "
                 f"(log: {server.log_path})"
             )
-            server.restarts += 1
             start(server)
             wait_ready([server], ready_timeout)
     return notes

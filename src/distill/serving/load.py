@@ -153,6 +153,6 @@ def drive(
         done.set()
         sampler.join()
     wall = time.perf_counter() - start
-    tick()  # the state the load left behind (cumulative server metrics), however short the level was
     client.close()
+    tick()  # the state the load left behind (cumulative server metrics), however short the level was
     return summarize(outcomes, wall, concurrency, slo_ms)

@@ -55,6 +55,10 @@ def test_estimated_plan_for_the_real_student_on_rtx2060() -> None:
     assert plan["v_batch_bytes"] == plan["kv_cache_bytes"] + plan["compute_buffer_bytes"]
     assert "estimate" in plan["v_small_source"] and plan["v_small_bytes"] > 285_018_624
     assert plan["vllm_supported"].startswith("no: compute capability 7.5")
+    assert plan["fp16_note"].startswith("yes: no bf16 on this card")
+    assert plan_serving(load_config(REPO / "configs/paper.yaml", ["serve.gpu_profile=l4-24gb"]))["fp16_note"] == (
+        "no: compute capability 8.9 has bf16"
+    )
 
 
 def test_one_server_slots_share_the_budget_the_processes_split() -> None:

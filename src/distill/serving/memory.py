@@ -147,6 +147,7 @@ def plan_serving(cfg: PipelineConfig, model_bytes: int | None = None) -> dict[st
         "server_per_slot_bytes": per_slot,
         "slots": min(LLAMA_MAX_SEQ, int(max(0, v_gpu - server_fixed) // per_slot)),
         "vllm_supported": _vllm_note(cfg),
+        "fp16_note": _fp16_note(compute_capability(cfg)),
     }
 
 
@@ -189,6 +190,15 @@ def _vllm_note(cfg: PipelineConfig) -> str:
     )
 
 
+def _fp16_note(capability: float | None) -> str:
+    if capability is not None and capability >= 8.0:
+        return f"no: compute capability {capability} has bf16"
+    return (
+        "yes: no bf16 on this card, so llama.cpp computes in f16 and Gemma 3 may overflow; `distill serve` "
+        "measures the student's largest activation against fp16's 65,504"
+    )
+
+
 def check_backend(cfg: PipelineConfig) -> None:
     """vLLM runs Gemma 3 only in bf16, which it supports from compute capability 8.0."""
     if cfg.serve.backend == "vllm" and (compute_capability(cfg) or 8.0) < 8.0:
@@ -213,4 +223,5 @@ def format_plan(plan: dict[str, Any]) -> list[tuple[str, str]]:
             f"{plan['slots']} slots in one process",
         ),
         ("vLLM for this GPU", plan["vllm_supported"]),
+        ("f16 activations (overflow risk)", plan["fp16_note"]),
     ]

@@ -125,6 +125,16 @@ def test_task_check_exit_codes(tmp_path: Path) -> None:
     assert res.returncode == 2 and "missing.txt: file not found" in res.stderr
 
 
+def test_task_grammar_prints_the_inputs_gbnf(tmp_path: Path) -> None:
+    record, _, _ = _planner_files(tmp_path)
+    result = run_cli("task", "grammar", "configs/tiny.yaml", "--payload", str(record))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("root ::= workout-1-") and "\nline-" in result.stdout
+    record.write_text("{nope")
+    result = run_cli("task", "grammar", "configs/tiny.yaml", "--payload", str(record))
+    assert result.returncode == 2 and "invalid JSON at line 1" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_tiny_models_command(tmp_path: Path) -> None:
     result = run_cli("tiny-models", str(tmp_path / "m"), "--seed", "5")
     assert result.returncode == 0, result.stderr

@@ -67,6 +67,7 @@ def exported(tmp_path_factory) -> Path:
 def test_every_variant_evaluated_and_compared(exported) -> None:
     from distill.artifacts import read_manifest
     from distill.stages.eval import run as evaluate
+    from distill.stages.eval import test_rows
 
     cfg = load_config(exported)
     results = {}
@@ -86,8 +87,26 @@ def test_every_variant_evaluated_and_compared(exported) -> None:
         assert m["latency_s_mean"] > 0 and m["tokens_per_s"] > 0 and m["size_bytes"] > 0
     assert results["gguf"]["size_bytes"] < results["merged"]["size_bytes"]
 
+    # every generated model is decoded a second time under each input's grammar: what it writes then is
+    # always the start of a valid program (24 tokens are not a whole one), which free decoding is not
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(["<eos>"], stop_token_ids=[0]))
+    payloads = {r["id"]: json.loads(r["payload"]) for r in test_rows(cfg)}
+    assert "grammar" not in results["teacher"] and "constrained" not in results["teacher"]
+    for model in ("base", "merged", "gguf"):
+        assert results[model]["grammar"] == "free and constrained"
+        assert results[model]["constrained"]["answers"] == 3 and results[model]["constrained"]["latency_s_mean"] > 0
+        folder = cfg.run_path / "eval" / model
+        for name, in_grammar in (("generations.constrained.jsonl", True), ("generations.jsonl", False)):
+            records = [json.loads(line) for line in (folder / name).read_text().splitlines()]
+            matched = [xgr.GrammarMatcher(compiler.compile_grammar(TASK.grammar(payloads[r["id"]]).gbnf)).accept_string(r["text"])
+                       for r in records]  # fmt: skip
+            assert all(matched) if in_grammar else not all(matched), (model, name)
+
     comparison = (cfg.run_path / "eval" / "comparison.md").read_text()
-    for title in ("reference answers (held-out)", "student before training", "merged student", "GGUF in llama.cpp"):
+    for title in ("reference answers (held-out)", "student before training", "merged student", "GGUF in llama.cpp",
+                  "merged student + grammar", "GGUF in llama.cpp + grammar"):  # fmt: skip
         assert f"| {title} |" in comparison
     assert (cfg.run_path / "eval" / "comparison.png").stat().st_size > 5000
 
@@ -120,3 +139,12 @@ def test_eval_input_errors(exported) -> None:
     assert result.returncode == 1 and "prune.enabled" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("eval", str(exported), "train.lr=0.5", "--model", "merged")
     assert result.returncode == 1 and "different config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grammar_off(exported) -> None:
+    from distill.artifacts import read_manifest
+    from distill.stages.eval import run as evaluate
+
+    off = read_manifest(evaluate(load_config(exported, ["eval.grammar=false"]), model="gguf", overwrite=True))["metrics"]
+    assert off["grammar"] == "free only (eval.grammar is off)" and "constrained" not in off
+    assert not (exported.parent / "runs/e/eval/gguf/generations.constrained.jsonl").exists()

@@ -180,6 +180,26 @@ def test_vllm_backend_on_tiny_qwen3(tmp_path, models) -> None:
     assert sum(r["think_blocks"] for r in recs) == 0  # the empty think block lives in the prompt, not the answer
 
 
+GRAMMAR_LEAVES = {"near_duplicate"}  # the crew grammar enforces every check; only the dedup filter is left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_a_teacher_under_the_grammar_is_rejected_only_for_what_the_grammar_cannot_say(tmp_path, models, backend) -> None:
+    extra = "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 700}\n  vllm: {dtype: float32, max_model_len: 4096, enforce_eager: true, cpu_kvcache_gb: 1}\n"
+    path = write_config(tmp_path, models, extra)
+    args = (f"generate.backend={backend}", "generate.num_examples=8", "generate.validation_examples=2",
+            "generate.test_examples=2")  # fmt: skip
+    constrained = run_cli("generate", str(path), *args, "generate.grammar=true", env=VLLM_ENV)
+    recs = load_records(tmp_path / "runs/g/generate")
+    assert len(recs) >= 12 and all(r["output_tokens"] > 0 for r in recs), constrained.stderr
+    assert {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES
+    free = run_cli("generate", str(path), *args, "run_name=free", env=VLLM_ENV)
+    assert "ran out of attempts" in free.stderr  # a random teacher, free, writes no valid program...
+    reasons = {x for r in load_records(tmp_path / "runs/free/generate") for x in r["reasons"]}
+    assert reasons - GRAMMAR_LEAVES  # ...and most of its faults are of form
+
+
 class _FlakyProxy(BaseHTTPRequestHandler):
     """Answers the first chat request with 503, then forwards to the real server."""
 
@@ -253,6 +273,12 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
         recs = load_records(tmp_path / "runs/g/generate")
         assert len(recs) == 5 and all(r["output_tokens"] > 0 for r in recs)
         assert _FlakyProxy.chat_calls == 6  # 5 requests + 1 retried after the 503
+        # the same server under each input's grammar (vLLM's structured_outputs): no answer is wrong in form
+        result = run_cli("generate", str(path), "run_name=g2", "generate.backend=openai", "generate.grammar=true",
+                         "generate.num_examples=3", "generate.validation_examples=1", "generate.test_examples=1",
+                         "generate.sampling.max_tokens=700")  # fmt: skip
+        recs = load_records(tmp_path / "runs/g2/generate")
+        assert len(recs) >= 5 and {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES, result.stderr
     finally:
         proxy.shutdown()
         os.killpg(server.pid, signal.SIGTERM)

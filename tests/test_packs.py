@@ -70,6 +70,7 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
 
     report = json.loads((serve(cfg) / "report.json").read_text())
     assert report["unit"] == "note" and report["best"]["level"]["valid_share"] == 1.0
+    assert report["grammar"] == "free decoding (the task has no grammar)" and "free_levels" not in report["fleets"]["slots"]
     assert "notes/s" in (cfg.run_path / "serve/report.md").read_text()
 
 

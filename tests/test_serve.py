@@ -145,11 +145,17 @@ def test_both_fleets_take_the_same_load_and_the_report_says_which_serves_more(se
     assert slots["metrics_peak"]["llamacpp:n_busy_slots_per_decode"] > 1
     assert processes["metrics_peak"]["llamacpp:n_busy_slots_per_decode"] == 1
     assert report["best"]["fleet"] in ("processes", "slots") and report["best"]["meets_slo"] is True
+    # every level went out twice: each request with its input's grammar, then the same requests free
+    for fleet in (processes, slots):
+        assert [lv["concurrency"] for lv in fleet["free_levels"]] == [1, 3]
+        assert [lv["requests"] for lv in fleet["free_levels"]] == [4, 4] and fleet["free_capacity"] >= 0
+    assert "goodput_per_s_free" in json.loads((folder / "manifest.json").read_text())["metrics"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["metrics"]["best_fleet"] == report["best"]["fleet"]
     assert manifest["files"]["llama_server_command"] == "llama-server.sh"
     markdown = (folder / "report.md").read_text()
     assert "N = floor((V_GPU - weights - graph) / per slot), at most 256" in markdown and "goodput/s" in markdown
+    assert "Decoding: each request carries its input's grammar" in markdown and "| 3 | no |" in markdown
     assert "This run was on CPU" in markdown and "fp16: compute capability 7.5" in markdown
     assert servers_of(cfg.run_path / "export") == []
 
@@ -173,6 +179,7 @@ def test_the_written_command_and_modelfile_serve_the_same_model(served, tmp_path
             time.sleep(0.3)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
         assert [m["id"] for m in models["data"]] == ["student"]
+        _grammar_reaches_the_server(cfg, f"http://127.0.0.1:{port}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
@@ -187,6 +194,28 @@ def test_the_written_command_and_modelfile_serve_the_same_model(served, tmp_path
         [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
     )
     assert tok.bos_token + plain.replace("{{ .Prompt }}", "hello") == rendered
+
+
+def _grammar_reaches_the_server(cfg, url: str) -> None:
+    """A request with its input's grammar gets the start of a valid program; a broken one a clear error."""
+    import httpx
+    import xgrammar as xgr
+
+    from distill.constrain import request_fields
+    from distill.errors import DistillError
+    from distill.serving.load import stream_chat
+    from distill.stages.eval import test_rows
+    from distill.tasks import Grammar, load_task
+
+    task, row = load_task(cfg), test_rows(cfg)[0]
+    grammar = task.grammar(json.loads(row["payload"]))
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(["<eos>"], stop_token_ids=[0]))
+    with httpx.Client() as client:
+        for fields, in_grammar in ((request_fields(grammar, "llama_cpp"), True), ({}, False)):
+            text, *_ = stream_chat(client, url, row["prompt"], 40, 60, fields)
+            assert xgr.GrammarMatcher(compiler.compile_grammar(grammar.gbnf)).accept_string(text) is in_grammar, text
+        with pytest.raises(DistillError, match="HTTP 400.*grammar"):
+            stream_chat(client, url, row["prompt"], 8, 60, request_fields(Grammar('root ::= "a" nowhere'), "llama_cpp"))
 
 
 def _answers(port: int) -> bool:

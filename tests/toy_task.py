@@ -6,7 +6,7 @@ words, and agrees with the reference when it names the same colour.
 
 from __future__ import annotations
 
-from distill.tasks import Example, TaskBase, Violation
+from distill.tasks import Example, Grammar, TaskBase, Violation
 
 COLOURS = ("red", "green", "blue", "amber", "violet", "teal", "ochre", "black")
 THINGS = ("kite", "door", "boat", "scarf", "lamp", "mug", "bicycle", "tent", "jacket", "kettle", "bench")
@@ -18,9 +18,13 @@ class ToyTask(TaskBase):
     agreement_titles = {"same_colour": "same colour"}
     reference_source = "the toy task's own replies"
 
-    def __init__(self, max_words: int):
+    def __init__(self, max_words: int, grammar: str | None = None):
         self.weights = {"too_long": 0.5}
         self.max_words = max_words
+        self.gbnf = grammar
+
+    def grammar(self, payload: dict) -> Grammar | None:
+        return Grammar(self.gbnf) if self.gbnf is not None else None
 
     def example(self, split: str, index: int) -> Example | None:
         if index >= 40:
@@ -43,7 +47,7 @@ class ToyTask(TaskBase):
 
 
 def make(options: dict, seed: int) -> ToyTask:
-    return ToyTask(int(options.get("max_words", 50)))
+    return ToyTask(int(options.get("max_words", 50)), options.get("grammar"))
 
 
 def not_a_task(options: dict, seed: int) -> object:

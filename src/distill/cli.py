@@ -337,11 +337,7 @@ def task_check(
 
         task = load_task(_load(config, overrides))
         try:
-            data = json.loads(payload.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and "payload" in data:  # a dataset or shard record
-                data = json.loads(data["payload"]) if isinstance(data["payload"], str) else data["payload"]
-            text = answer.read_text(encoding="utf-8")
-            violations = task.check(text, data)
+            violations = task.check(answer.read_text(encoding="utf-8"), _read_payload(payload))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError, TaskError) as exc:
             _fail(_input_error(exc, payload, answer), 2)
         result = {"valid": not violations, "violations": [{"check": v.check, "detail": v.detail} for v in violations]}
@@ -349,6 +345,37 @@ def task_check(
         raise typer.Exit(0 if result["valid"] else 1)
 
     _guard(body)
+
+
+@task_app.command("grammar")
+def task_grammar(
+    config: ConfigArg,
+    payload: Annotated[Path, typer.Option(help="The input's payload JSON, or a dataset record with a 'payload'.")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Print the input's output grammar (llama.cpp GBNF): what a client sends as `grammar` to constrain the answer."""
+
+    def body() -> None:
+        from distill.constrain import first_grammar
+        from distill.tasks import TaskError, load_task
+
+        task = load_task(_load(config, overrides))
+        try:
+            grammar = first_grammar(task, _read_payload(payload), None)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TaskError) as exc:
+            _fail(_input_error(exc, payload, payload), 2)
+        if grammar is None:
+            _fail(f"task '{task.name}' has no output grammar", 1)
+        print(grammar.gbnf, end="")
+
+    _guard(body)
+
+
+def _read_payload(path: Path) -> Any:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "payload" in data:  # a dataset or shard record
+        return json.loads(data["payload"]) if isinstance(data["payload"], str) else data["payload"]
+    return data
 
 
 def _input_error(exc: Exception, payload: Path, answer: Path) -> str:

@@ -186,6 +186,11 @@ class OpenAIConfig(Strict):
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
     timeout_s: float = Field(120, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(4, ge=0, description="Retries with exponential backoff per request.")
+    grammar_field: Literal["structured_outputs", "grammar"] = Field(
+        "structured_outputs",
+        description="Where a GBNF grammar goes in the request: vLLM's structured_outputs or llama-server's grammar "
+        "(a grammar made from a JSON Schema always goes as response_format).",
+    )
 
 
 class SelfInstructConfig(Strict):
@@ -212,6 +217,9 @@ class GenerateConfig(Strict):
     dedup_jaccard: float = Field(
         0.9, gt=0, le=1,
         description="Drop a response whose word-trigram Jaccard similarity (MinHash) to an accepted one reaches this.",
+    )
+    grammar: bool = Field(
+        False, description="Decode the teacher under the task's output grammar, so fewer answers are rejected for form."
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
@@ -331,6 +339,9 @@ class ServeConfig(Strict):
         None, ge=1024, le=65535, description="First port of the instances; default: free ports chosen by the OS."
     )
     requests: int = Field(32, ge=1, description="Held-out prompts sent per concurrency level (at least one per user).")
+    grammar: bool = Field(
+        True, description="Send each request with its input's output grammar, and the same load free beside it."
+    )
     max_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     ready_timeout_s: float = Field(120, gt=0, description="Seconds to wait for an instance to be ready.")
     request_timeout_s: float = Field(600, gt=0, description="Seconds to wait for one answer.")
@@ -346,6 +357,9 @@ class EvalConfig(Strict):
     num_prompts: int = Field(50, ge=1, description="Held-out test prompts scored per model.")
     max_new_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+    grammar: bool = Field(
+        True, description="Also decode every model under the task's output grammar, beside free decoding (packs with one)."
+    )
 
 
 class PipelineConfig(Strict):

@@ -31,7 +31,8 @@ def teacher_words(cfg: PipelineConfig, task: Task) -> str:
     """Who really wrote the data: a model through a backend, or the task's own reference answers."""
     if cfg.generate.backend == "reference":
         return f"reference answers of the `{task.name}` task ({task.reference_source}); no language-model teacher ran"
-    return f"teacher `{cfg.models.teacher}` through the `{cfg.generate.backend}` backend"
+    constrained = ", decoding under the task's output grammar" if cfg.generate.grammar else ""
+    return f"teacher `{cfg.models.teacher}` through the `{cfg.generate.backend}` backend{constrained}"
 
 
 def _generate(cfg: PipelineConfig, task: Task, m: dict[str, Any]) -> list[str]:
@@ -143,8 +144,10 @@ def _serve(task: Task, m: dict[str, Any], report_md: Path) -> list[str]:
     lines = [
         (
             f"Plan: {m['instances_planned']} processes or one server with {m['slots_planned']} slots fit the GPU "
-            f"budget; {served}, goodput {m['goodput_per_s']} valid {task.unit}s/s, end to end p50 {m['e2e_p50_ms']:g} ms "
-            f"/ p95 {m['e2e_p95_ms']:g} ms, {m['valid_share']:.0%} valid; plan held: {held}."
+            f"budget; {served}, goodput {m['goodput_per_s']} valid {task.unit}s/s"
+            + (f" under the grammar ({m['goodput_per_s_free']} free)" if m.get("grammar") else "")
+            + f", end to end p50 {m['e2e_p50_ms']:g} ms / p95 {m['e2e_p95_ms']:g} ms, {m['valid_share']:.0%} valid; "
+            f"plan held: {held}."
         ),
         "",
     ]
@@ -152,6 +155,18 @@ def _serve(task: Task, m: dict[str, Any], report_md: Path) -> list[str]:
         body = report_md.read_text(encoding="utf-8").split("\n", 2)[-1]  # drop its own title
         lines += [body.strip(), ""]
     return lines
+
+
+def _grammar_note(task: Task, results: dict[str, Any]) -> str:
+    uses = {s["grammar"] for s in results.values() if "grammar" in s}
+    if uses != {"free and constrained"}:
+        return "Decoding: " + "; ".join(sorted(uses)) + "." if uses else ""
+    leaves = "; ".join(f"{check} ({why})" for check, why in getattr(task, "grammar_leaves", {}).items())
+    return (
+        "Rows marked `+ grammar` decode under the task's output grammar for each input (GBNF: xgrammar for the "
+        "transformers models, llama.cpp's grammar sampler for the GGUF)"
+        + (f"; it cannot enforce {leaves}, which the checks still count." if leaves else ".")
+    )
 
 
 def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
@@ -168,6 +183,8 @@ def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
         ),
         "",
         comparison_table(cfg, task, results),
+        _grammar_note(task, results),
+        "",
     ]
     if "teacher" in results and results["teacher"].get("teacher_acceptance_rate") is not None and cfg.generate.backend != "reference":
         lines += [

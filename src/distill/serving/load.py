@@ -76,10 +76,12 @@ def capacity(levels: list[dict[str, Any]]) -> int:
 
 
 def stream_chat(
-    client: Any, base_url: str, prompt: str, max_tokens: int, timeout: float
+    client: Any, base_url: str, prompt: str, max_tokens: int, timeout: float, fields: dict[str, Any] | None = None
 ) -> tuple[str, float, float, int]:
-    """One streamed chat completion: (text, TTFT s, end-to-end s, completion tokens)."""
+    """One streamed chat completion: (text, TTFT s, end-to-end s, completion tokens); `fields` join the
+    body (the answer's grammar)."""
     body = {
+        **(fields or {}),
         "model": SERVED_NAME,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
@@ -124,7 +126,7 @@ def drive(
     tick: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Send every request once, request i to server i mod len(urls), `concurrency` in flight; `tick` runs
-    every 0.2 s meanwhile (memory and metrics sampling)."""
+    every 0.2 s meanwhile (memory and metrics sampling). A request is {prompt, payload, fields?}."""
     import httpx
 
     done = threading.Event()
@@ -136,7 +138,9 @@ def drive(
 
     def one(i: int) -> Outcome:
         req = requests[i]
-        text, ttft, e2e, tokens = stream_chat(client, urls[i % len(urls)], req["prompt"], max_tokens, timeout)
+        text, ttft, e2e, tokens = stream_chat(
+            client, urls[i % len(urls)], req["prompt"], max_tokens, timeout, req.get("fields")
+        )
         return Outcome(ttft, e2e, tokens, check(text, req["payload"]))
 
     client = httpx.Client(limits=httpx.Limits(max_connections=concurrency + 2))

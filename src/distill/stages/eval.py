@@ -2,9 +2,11 @@
 
 For each model, through the task's interface: validity and the rate of every violated check, the
 quality score, agreement with the teacher's answer to the same prompt (the task's own metrics),
-perplexity on the teacher's held-out responses, latency per answer. Each model gets
-`<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}` compares every model evaluated so far. Generations are appended one fsync'd line at a time, so an interrupted
-evaluation resumes where it stopped.
+perplexity on the teacher's held-out responses, latency per answer; where the task has an output
+grammar, the same again with decoding constrained by it (`eval.grammar`), so the cost and the gain of
+the constraint sit side by side. Each model gets `<run>/eval/<model>/`; `<run>/eval/comparison.{md,png}`
+compares every model evaluated so far. Generations are appended one fsync'd line at a time, so an
+interrupted evaluation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from distill.artifacts import (
     stage_status,
 )
 from distill.config import EVAL_MODELS, PipelineConfig
+from distill.constrain import HFGrammars, first_grammar, llama_grammar, task_grammar
 from distill.errors import DistillError
-from distill.tasks import Task, load_task, quality_score
+from distill.tasks import Grammar, Task, load_task, quality_score
 
 log = logging.getLogger(__name__)
 
 RECORDS = "generations.jsonl"
+CONSTRAINED = "generations.constrained.jsonl"
 # How each evaluated model is named in tables and plots.
 DESCRIPTIONS = {
     "teacher": "teacher (held-out responses)",
@@ -82,17 +86,24 @@ class HFModel:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         eos = model.generation_config.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+        self.grammars: HFGrammars | None = None
 
-    def generate(self, ids: list[int]) -> tuple[str, int]:
+    def generate(self, ids: list[int], grammar: Grammar | None = None) -> tuple[str, int]:
         import torch
 
         e = self.cfg.eval
         sampling = {"do_sample": True, "temperature": e.temperature} if e.temperature > 0 else {"do_sample": False}
+        processors = []
+        if grammar is not None:
+            if self.grammars is None:
+                rows = self.model.config.vocab_size  # the logits' width, padding rows included
+                self.grammars = HFGrammars(self.tokenizer, rows, self.eos)
+            processors.append(self.grammars.processor([grammar]))
         with torch.inference_mode():
             out = self.model.generate(
                 torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=e.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
-                top_p=None, top_k=None, **sampling,
+                top_p=None, top_k=None, logits_processor=processors, **sampling,
             )  # fmt: skip
         new = out[0, len(ids) :].tolist()
         return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
@@ -118,11 +129,12 @@ class GGUFModel:
             model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
         )
 
-    def generate(self, ids: list[int]) -> tuple[str, int]:
+    def generate(self, ids: list[int], grammar: Grammar | None = None) -> tuple[str, int]:
         self.llm.reset()
         out = self.llm.create_completion(
             prompt=ids, max_tokens=self.cfg.eval.max_new_tokens, temperature=self.cfg.eval.temperature, top_p=1.0,
             top_k=0 if self.cfg.eval.temperature > 0 else 1, seed=self.cfg.seed,
+            grammar=llama_grammar(self.llm, grammar) if grammar is not None else None,
         )  # fmt: skip
         return out["choices"][0]["text"], out["usage"]["completion_tokens"]
 
@@ -212,52 +224,60 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return {record["id"]: record for _, record in read_records(path)}
 
 
-def evaluate(cfg: PipelineConfig, task: Task, model: str, rows: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
-    """Generate and score every test prompt not yet in the records file; returns all records."""
+def evaluate(
+    cfg: PipelineConfig, task: Task, model: str, rows: list[dict[str, Any]], folder: Path, constrained: bool = False
+) -> dict[bool, list[dict[str, Any]]]:
+    """Generate and score every test prompt not yet in a records file, with one load of the model;
+    returns all records of the free pass (False) and, with `constrained`, of the pass under each input's
+    grammar (True). Perplexity does not depend on the decoding: it is measured on the free pass."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    path = folder / RECORDS
-    done = _read_done(path)
-    todo = [r for r in rows if r["id"] not in done]
+    paths = {False: folder / RECORDS, **({True: folder / CONSTRAINED} if constrained else {})}
+    done = {kind: _read_done(path) for kind, path in paths.items()}
+    todo = {kind: [r for r in rows if r["id"] not in done[kind]] for kind in paths}
     if model == "teacher":  # the teacher's answers are the test split itself
         records = [
-            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, task)} for r in todo
+            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, task)} for r in todo[False]
         ]
-        _append(path, records)
-        return [{**done, **{r["id"]: r for r in records}}[r["id"]] for r in rows]
-    if not todo:
-        return [done[r["id"]] for r in rows]
+        _append(paths[False], records)
+        done[False].update((r["id"], r) for r in records)
+        todo = {}
+    if any(todo.values()):
+        from transformers import AutoTokenizer
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg, model))
-    encoded = []
-    for r in todo:
-        prompt_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True
-        )["input_ids"]
-        encoded.append((r, prompt_ids, _answer_ids(tokenizer, prompt_ids, r["prompt"], r["response"])))
-    context = max(len(p) + max(len(a), cfg.eval.max_new_tokens) for _, p, a in encoded) + 8
-    runner, close = load_model(cfg, model, tokenizer, context)
-    columns = (TextColumn(f"eval {model}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns) as progress:
-            bar = progress.add_task("eval", total=len(rows), completed=len(rows) - len(todo))
-            for row, prompt_ids, answer in encoded:
-                start = time.perf_counter()
-                text, tokens = runner.generate(prompt_ids)
-                latency = time.perf_counter() - start
-                record = {
-                    "id": row["id"], "split": "test", "text": text, "tokens": tokens, "latency_s": round(latency, 4),
-                    "nll": runner.nll(prompt_ids, answer), "answer_tokens": len(answer), **score(text, row, task),
-                }  # fmt: skip
-                _append(path, [record])
-                done[row["id"]] = record
-                progress.advance(bar)
-    finally:
-        if close is not None:
-            close()
-    return [done[r["id"]] for r in rows]
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg, model))
+        encoded = {}
+        for r in {r["id"]: r for pending in todo.values() for r in pending}.values():
+            prompt_ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True
+            )["input_ids"]
+            encoded[r["id"]] = (prompt_ids, _answer_ids(tokenizer, prompt_ids, r["prompt"], r["response"]))
+        context = max(len(p) + max(len(a), cfg.eval.max_new_tokens) for p, a in encoded.values()) + 8
+        runner, close = load_model(cfg, model, tokenizer, context)
+        try:
+            for kind, pending in todo.items():
+                label = f"eval {model}" + (" under the grammar" if kind else "")
+                with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as progress:
+                    bar = progress.add_task("eval", total=len(rows), completed=len(rows) - len(pending))
+                    for row in pending:
+                        prompt_ids, answer = encoded[row["id"]]
+                        grammar = task_grammar(task, json.loads(row["payload"])) if kind else None
+                        start = time.perf_counter()
+                        text, tokens = runner.generate(prompt_ids, grammar)
+                        latency = time.perf_counter() - start
+                        record = {
+                            "id": row["id"], "split": "test", "text": text, "tokens": tokens,
+                            "latency_s": round(latency, 4), **score(text, row, task),
+                        }  # fmt: skip
+                        if not kind:
+                            record.update(nll=runner.nll(prompt_ids, answer), answer_tokens=len(answer))
+                        _append(paths[kind], [record])
+                        done[kind][row["id"]] = record
+                        progress.advance(bar)
+        finally:
+            if close is not None:
+                close()
+    return {kind: [done[kind][r["id"]] for r in rows] for kind in paths}
 
 
 def _append(path: Path, records: list[dict[str, Any]]) -> None:
@@ -278,10 +298,10 @@ def summarize(records: list[dict[str, Any]], task: Task) -> dict[str, Any]:
         "agreement": {m: sum(r["agreement"][m] for r in records) / n for m in task.agreement_titles},
     }
     if records and "nll" in records[0]:
-        tokens = sum(r["answer_tokens"] for r in records)
+        out["perplexity"] = math.exp(sum(r["nll"] for r in records) / sum(r["answer_tokens"] for r in records))
+    if records and "latency_s" in records[0]:
         latencies = [r["latency_s"] for r in records]
         out.update(
-            perplexity=math.exp(sum(r["nll"] for r in records) / tokens),
             latency_s_mean=statistics.fmean(latencies),
             latency_s_p50=statistics.median(latencies),
             tokens_per_s=sum(r["tokens"] for r in records) / sum(latencies),
@@ -314,30 +334,48 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     folder = stage_dir(cfg, stage)
     require_input(cfg, "generate")
     require_input(cfg, EVAL_MODELS[model])
-    task = load_task(cfg)  # a broken task fails before the output folder is touched
+    task = load_task(cfg)  # a broken task or grammar fails before the output folder is touched
+    rows = test_rows(cfg)
+    grammar = None
+    if cfg.eval.grammar and model != "teacher":  # the teacher's answers are the data, not decoded here
+        grammar = first_grammar(task, json.loads(rows[0]["payload"]), "eval.grammar")
     if prepare_output(cfg, stage, overwrite) == "skip":
         log.info("eval %s: complete, skipping (%s)", model, folder)
         write_comparison(cfg, task)
         return folder
     log.info("eval config: %s", cfg.eval.model_dump())
     record = StageRecord(cfg, stage, inputs=tuple(dict.fromkeys(("generate", EVAL_MODELS[model]))))
-    rows = test_rows(cfg)
-    summary = summarize(evaluate(cfg, task, model, rows, folder), task)
+    record.files = {"generations": RECORDS}
+    records = evaluate(cfg, task, model, rows, folder, constrained=grammar is not None)
+    summary = summarize(records[False], task)
+    if grammar is not None:
+        summary["constrained"] = summarize(records[True], task)
+        record.files["constrained generations"] = CONSTRAINED
+    if model != "teacher":
+        summary["grammar"] = grammar_use(cfg, grammar)
     summary["size_bytes"] = model_size(cfg, model)
     if model == "teacher":
         generated = read_manifest(stage_dir(cfg, "generate"))["metrics"]
         # The test split holds only accepted answers; the teacher's own validity is its acceptance rate.
         summary["teacher_acceptance_rate"] = generated.get("acceptance_rate")
     record.metrics = summary
-    record.files = {"generations": RECORDS}
     atomic_write_text(folder / "summary.md", render_summary(cfg, task, model, summary))
     log.info(
-        "eval %s: %d %ss, %.0f%% valid, quality %.2f%s", model, summary["answers"], task.unit, 100 * summary["validity"],
-        summary["mean_quality"], f", perplexity {summary['perplexity']:.2f}" if "perplexity" in summary else "",
+        "eval %s: %d %ss, %.0f%% valid, quality %.2f%s%s", model, summary["answers"], task.unit,
+        100 * summary["validity"], summary["mean_quality"],
+        f", perplexity {summary['perplexity']:.2f}" if "perplexity" in summary else "",
+        f"; under the grammar {summary['constrained']['validity']:.0%} valid" if "constrained" in summary else "",
     )  # fmt: skip
     out = record.finish()
     write_comparison(cfg, task)
     return out
+
+
+def grammar_use(cfg: PipelineConfig, grammar: Grammar | None) -> str:
+    """Which decodings a model's summary holds, in words for the report."""
+    if grammar is not None:
+        return "free and constrained"
+    return "free only (eval.grammar is off)" if not cfg.eval.grammar else "free only (the task has no grammar)"
 
 
 def evaluated(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
@@ -381,15 +419,28 @@ def _get(summary: dict[str, Any], key: str) -> Any:
     return summary.get(section, {}).get(metric) if metric else summary.get(key)
 
 
+def table_rows(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(row label, summary) per model, its constrained decoding right below its free one."""
+    rows = []
+    for m, s in results.items():
+        rows.append((describe(cfg, m), s))
+        if "constrained" in s:
+            # perplexity and size belong to the model, not to how it decodes
+            same = {k: s.get(k) for k in ("perplexity", "size_bytes")}
+            rows.append((f"{describe(cfg, m)} + grammar", {**s["constrained"], **same}))
+    return rows
+
+
 def comparison_table(cfg: PipelineConfig, task: Task, results: dict[str, dict[str, Any]]) -> str:
     cols = columns(task)
     lines = [
         "| model | " + " | ".join(title for _, title, _ in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
-    for m, s in results.items():
-        lines.append(f"| {describe(cfg, m)} | " + " | ".join(_fmt(_get(s, k), kind) for k, _, kind in cols) + " |")
-    seen = [c for c in task.weights if any(s["violation_rates"].get(c) for s in results.values())]
+    rows = table_rows(cfg, results)
+    for label, s in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(_get(s, k), kind) for k, _, kind in cols) + " |")
+    seen = [c for c in task.weights if any(s["violation_rates"].get(c) for _, s in rows)]
     if seen:
         lines += [
             "",
@@ -398,8 +449,8 @@ def comparison_table(cfg: PipelineConfig, task: Task, results: dict[str, dict[st
             "| model | " + " | ".join(seen) + " |",
             "|---|" + "---|" * len(seen),
         ]
-        for m, s in results.items():
-            lines.append(f"| {describe(cfg, m)} | " + " | ".join(f"{s['violation_rates'].get(c, 0):.0%}" for c in seen) + " |")
+        for label, s in rows:
+            lines.append(f"| {label} | " + " | ".join(f"{s['violation_rates'].get(c, 0):.0%}" for c in seen) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -415,12 +466,13 @@ def plot_comparison(cfg: PipelineConfig, task: Task, results: dict[str, dict[str
     import numpy as np
 
     metrics = [(k, title) for k, title, _ in columns(task)[: 2 + len(task.agreement_titles)]]
+    rows = table_rows(cfg, results)
     x = np.arange(len(metrics))
-    width = 0.8 / max(1, len(results))
+    width = 0.8 / max(1, len(rows))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for i, (m, s) in enumerate(results.items()):
-        ax.bar(x + i * width, [_get(s, k) for k, _ in metrics], width, label=describe(cfg, m))
-    ax.set_xticks(x + width * (len(results) - 1) / 2, [title for _, title in metrics])
+    for i, (label, s) in enumerate(rows):
+        ax.bar(x + i * width, [_get(s, k) for k, _ in metrics], width, label=label)
+    ax.set_xticks(x + width * (len(rows) - 1) / 2, [title for _, title in metrics])
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{task.name}: held-out test inputs")
     ax.legend(fontsize=7)

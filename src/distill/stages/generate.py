@@ -23,10 +23,12 @@ from typing import Any
 
 from distill.artifacts import StageRecord, atomic_write_json, prepare_output, stage_dir
 from distill.config import PipelineConfig
+from distill.constrain import first_grammar, task_grammar
 from distill.dedup import NearDuplicateIndex
 from distill.errors import DistillError
 from distill.models import ensure_models
 from distill.tasks import Task, load_task
+from distill.teachers import make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,6 @@ def judge(completion_text: str, inst: dict[str, Any], task: Task, dedup: NearDup
 def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> ShardState:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from distill.teachers import make_teacher
-
     shard_dir = folder / "shards" / shard.name
     shard_dir.mkdir(parents=True, exist_ok=True)
     records_path = shard_dir / "records.jsonl"
@@ -212,6 +212,7 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
     columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())  # fmt: skip
     teacher = make_teacher(cfg, task)
+    constrained = cfg.generate.grammar
     try:
         requests = None
         if cfg.generate.self_instruct.enabled:
@@ -226,7 +227,8 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
             bar = progress.add_task(shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0)
             while pending:
                 batch_start = time.perf_counter()
-                completions = teacher.generate(pending)
+                grammars = [task_grammar(task, inst["payload"]) for inst in pending] if constrained else None
+                completions = teacher.generate(pending, grammars)
                 wall = time.perf_counter() - batch_start
                 batch_id = f"{shard.name}/{pending[0]['id']}"
                 lines = []
@@ -286,6 +288,15 @@ def _shortfall_message(cfg: PipelineConfig, shard: Shard, state: ShardState) -> 
     )
 
 
+def _check_grammar(cfg: PipelineConfig, task: Task) -> None:
+    """generate.grammar needs a pack with a grammar that compiles and a backend that decodes."""
+    if cfg.generate.backend == "reference":
+        make_teacher(cfg, task)  # refuses it with the reason
+    example = next((task.example(s, 0) for s in SPLITS if task.example(s, 0) is not None), None)
+    if example is not None and first_grammar(task, example.payload, "generate.grammar") is None:
+        raise DistillError(f"generate.grammar: task '{task.name}' has no output grammar; set generate.grammar=false")
+
+
 def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, merge_shards: bool = False) -> Path:
     folder = stage_dir(cfg, "generate")
     part = Shard.parse(shard)
@@ -293,6 +304,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         raise DistillError("--merge-shards combines finished shards; run it without --shard")
     task = load_task(cfg)  # a broken task fails here, before anything on disk is touched
     check_sizes(cfg, task)
+    if cfg.generate.grammar:
+        _check_grammar(cfg, task)
     if cfg.generate.self_instruct.enabled and task.self_instruct() is None:
         raise DistillError(f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off")
     if shard is not None and overwrite:
@@ -396,6 +409,7 @@ def statistics(cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], r
     output_tokens = sum(r["output_tokens"] for r in everything)
     stats: dict[str, Any] = {
         "backend": cfg.generate.backend,
+        "grammar": cfg.generate.grammar,
         "shards": shards,
         "counts": {split: len(recs) for split, recs in accepted.items()} | {"rejected": len(rejected), "attempts": len(everything)},
         "acceptance_rate": round(sum(len(v) for v in accepted.values()) / max(len(everything), 1), 4),

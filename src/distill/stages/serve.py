@@ -4,8 +4,10 @@ Two fleets on the same memory budget take the same held-out requests at the same
 the paper's n processes of one sequence each, n = floor(V_GPU / (V_small + V_batch)), and one
 llama-server whose N slots share one KV pool, N sized from the same budget. Each is measured the way
 people serve (TTFT, time per output token, end-to-end latency, goodput of valid answers within
-serve.slo_ms, capacity in concurrent users, memory per process); the best one is written down as a
-llama-server command line and an Ollama Modelfile, and `distill deploy` starts it.
+serve.slo_ms, capacity in concurrent users, memory per process), with each request constrained by its
+input's grammar where the task has one (`serve.grammar`) and, at every load, the same requests free,
+so the goodput the grammar buys or costs is visible. The best one is written down as a llama-server
+command line and an Ollama Modelfile, and `distill deploy` starts it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from distill.artifacts import (
     StageRecord, atomic_write_json, atomic_write_text, is_complete, prepare_output, require_input, stage_dir,
 )  # fmt: skip
 from distill.config import PipelineConfig
+from distill.constrain import first_grammar, request_fields, task_grammar
 from distill.errors import DistillError
 from distill.serving.fleet import (
     claim_ports, gpu_bytes_by_pid, llama_server_binary, make_servers, running, sample_memory, scrape_metrics,
@@ -27,7 +30,7 @@ from distill.serving.load import SLO_QUANTILE, capacity, drive
 from distill.serving.memory import (
     MIB, check_backend, compute_capability, format_plan, plan_serving, server_bytes, too_small,
 )  # fmt: skip
-from distill.tasks import Task, load_task
+from distill.tasks import Grammar, Task, load_task
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,10 @@ def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
 def measure_fleet(
     cfg: PipelineConfig, model: Path, task: Task, requests: list[dict[str, Any]], log_dir: Path,
     name: str, count: int, slots: int, threads: int, planned_each: int, v_gpu: int,
+    free: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Start one fleet, sweep the concurrency levels over it, and stop it."""
+    """Start one fleet, sweep the concurrency levels over it, and stop it. With `free` (the same requests
+    without their grammar) every level is also measured unconstrained, right after, as `free_levels`."""
     s = cfg.serve
     ports = claim_ports(s.base_port, count, "serve.base_port")
     servers = make_servers(cfg, model, ports, slots, threads, log_dir, name)
@@ -108,7 +113,7 @@ def measure_fleet(
     def check(text: str, payload: dict[str, Any]) -> bool:
         return not task.check(text, payload)
 
-    levels = []
+    levels, free_levels = [], []
     with running(servers, s.ready_timeout_s):
         # One untimed request per server first (page faults and first-use allocations are not a user's
         # wait), from the end of the list: a level's first prompt must not find itself already cached.
@@ -120,6 +125,9 @@ def measure_fleet(
             log.info("serve: %s, %d concurrent users, %d requests", fleet_label(name, count, slots), users, len(batch))
             urls = [sv.url for sv in servers]
             levels.append(drive(urls, batch, users, s.max_tokens, s.request_timeout_s, check, s.slo_ms, tick))
+            if free is not None:
+                batch = free[: len(batch)]
+                free_levels.append(drive(urls, batch, users, s.max_tokens, s.request_timeout_s, check, s.slo_ms, tick))
         totals: dict[str, float] = {}
         for server in servers:
             for key, value in scrape_metrics(server).items():
@@ -135,6 +143,7 @@ def measure_fleet(
         "command": servers[0].command,
         "levels": levels,
         "capacity": capacity(levels),
+        **({"free_levels": free_levels, "free_capacity": capacity(free_levels)} if free is not None else {}),
         "memory": [{"port": sv.port, **sv.peak} for sv in servers],
         "memory_measure": measure,
         "planned_bytes_each": planned_each,
@@ -184,7 +193,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     require_input(cfg, "generate")
     if s.backend == "llama_cpp":
         llama_server_binary(cfg)  # say it is missing before anything starts
-    task = load_task(cfg)  # a broken task fails before the output folder is touched
+    task = load_task(cfg)  # a broken task or grammar fails before the output folder is touched
+    requests = _held_out_requests(cfg, max(s.requests, *s.concurrency))
+    grammar = first_grammar(task, requests[0]["payload"], "serve.grammar") if s.grammar else None
     plan = plan_serving(cfg, model_bytes=model_bytes(model))
     if problem := too_small(plan):
         raise DistillError(problem)
@@ -196,7 +207,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     record = StageRecord(cfg, "serve", inputs=(upstream, "generate"))
     log_dir = folder / "logs"
     log_dir.mkdir(exist_ok=True)
-    requests = _held_out_requests(cfg, max(s.requests, *s.concurrency))
+    free = None
+    if grammar is not None:  # each request carries its input's grammar; the same ones go out free as well
+        free = requests
+        requests = [{**r, "fields": request_fields(task_grammar(task, r["payload"]), s.backend)} for r in requests]
 
     processes = min(plan["instances"], s.max_instances or plan["instances"])
     slots = min(plan["slots"], s.max_slots or plan["slots"])
@@ -206,11 +220,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     if processes:
         fleets["processes"] = measure_fleet(cfg, model, task, requests, log_dir, "processes", processes, s.parallel,
                                             s.threads_per_instance, plan["v_small_bytes"] + plan["v_batch_bytes"],
-                                            plan["v_gpu_bytes"])  # fmt: skip
+                                            plan["v_gpu_bytes"], free)  # fmt: skip
     # Same CPU for both: the one server gets the threads the processes had together.
     fleets["slots"] = measure_fleet(cfg, model, task, requests, log_dir, "slots", 1, slots,
                                     s.threads_per_instance * max(1, processes), server_bytes(plan, slots),
-                                    plan["v_gpu_bytes"])  # fmt: skip
+                                    plan["v_gpu_bytes"], free)  # fmt: skip
     best = choose(fleets)
     fp16 = _fp16(cfg, requests) if s.backend == "llama_cpp" else None
     report = {
@@ -218,6 +232,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "backend": s.backend,
         "device": "gpu" if any(f["memory_measure"] == "gpu_bytes" for f in fleets.values()) else "cpu",
         "slo_ms": s.slo_ms,
+        "grammar": grammar_use(s.grammar, grammar),
         "plan": plan,
         "processes_started": processes,
         "slots_started": slots,
@@ -245,9 +260,22 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "e2e_p50_ms": level["e2e_ms"]["p50"],
         "e2e_p95_ms": level["e2e_ms"]["p95"],
         "valid_share": level["valid_share"],
+        "grammar": grammar is not None,
+        **({"goodput_per_s_free": _free_level(fleets[best["fleet"]], level)["goodput_per_s"]} if grammar else {}),
         "budget_held": {name: fleet["budget_held"] for name, fleet in fleets.items()},
     }
     return record.finish()
+
+
+def grammar_use(enabled: bool, grammar: Grammar | None) -> str:
+    if grammar is not None:
+        return "each request carries its input's grammar (`grammar`); the same requests also went out free"
+    return "free decoding (serve.grammar is off)" if not enabled else "free decoding (the task has no grammar)"
+
+
+def _free_level(fleet: dict[str, Any], level: dict[str, Any]) -> dict[str, Any]:
+    """The unconstrained measurement at the same load as a constrained level."""
+    return next(lv for lv in fleet["free_levels"] if lv["concurrency"] == level["concurrency"])
 
 
 def _fp16(cfg: PipelineConfig, requests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -308,38 +336,50 @@ def render_report(report: dict[str, Any]) -> str:
             "task's checks and finish within the SLO. Times in ms as p50 / p95 / p99."
         ),
         "",
-        "| fleet | users | req/s | out tok/s | TTFT | TPOT | end to end | valid | within SLO | goodput/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Decoding: {report['grammar']}.",
+        "",
+        "| fleet | users | grammar | req/s | out tok/s | TTFT | TPOT | end to end | valid | within SLO | goodput/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    constrained = any("free_levels" in fleet for fleet in fleets.values())
     for name, fleet in fleets.items():
         label = fleet_label(name, fleet["servers"], fleet["slots_each"])
         for lv in fleet["levels"]:
-            pct = {k: " / ".join(f"{v:g}" for v in lv[k].values()) for k in ("ttft_ms", "tpot_ms", "e2e_ms")}
-            lines.append(
-                f"| {label} | {lv['concurrency']} | {lv['requests_per_s']} | {lv['output_tokens_per_s']} "
-                f"| {pct['ttft_ms']} | {pct['tpot_ms']} | {pct['e2e_ms']} | {lv['valid_share']:.0%} "
-                f"| {lv['within_slo_share']:.0%} | {lv['goodput_per_s']} |"
-            )
+            rows = [("yes" if constrained else "no", lv)]
+            if constrained:
+                rows.append(("no", _free_level(fleet, lv)))
+            for mode, row in rows:
+                pct = {k: " / ".join(f"{v:g}" for v in row[k].values()) for k in ("ttft_ms", "tpot_ms", "e2e_ms")}
+                lines.append(
+                    f"| {label} | {row['concurrency']} | {mode} | {row['requests_per_s']} | {row['output_tokens_per_s']} "
+                    f"| {pct['ttft_ms']} | {pct['tpot_ms']} | {pct['e2e_ms']} | {row['valid_share']:.0%} "
+                    f"| {row['within_slo_share']:.0%} | {row['goodput_per_s']} |"
+                )
+    free_title = " | capacity without grammar" if constrained else ""
     lines += [
         "",
-        "| fleet | capacity (users within SLO) | memory per process (peak) | planned per process | plan held |",
-        "|---|---|---|---|---|",
+        f"| fleet | capacity (users within SLO){free_title} | memory per process (peak) | planned per process | plan held |",
+        "|---|---|---|---|---|" + ("---|" if constrained else ""),
     ]
     for name, fleet in fleets.items():
         measure = fleet["memory_measure"]
         per = ", ".join(_memory_cell(m, measure) for m in fleet["memory"])
+        free_cell = f" | {fleet['free_capacity']}" if constrained else ""
         lines.append(
-            f"| {name} | {fleet['capacity']} | {per} | {_mib(fleet['planned_bytes_each'])} "
+            f"| {name} | {fleet['capacity']}{free_cell} | {per} | {_mib(fleet['planned_bytes_each'])} "
             f"| {'yes' if fleet['budget_held'] else 'no'} |"
         )
     lines += ["", *_metrics_lines(fleets), ""]
     what = fleet_label(best["fleet"], best["servers"], best["slots_each"])
     level = best["level"]
     if best["meets_slo"]:
+        free = (
+            f" ({_free_level(fleets[best['fleet']], level)['goodput_per_s']} without the grammar)" if constrained else ""
+        )
         lines.append(
             f"Best: **{what}**: {best['capacity']} concurrent users within the SLO, goodput "
-            f"{level['goodput_per_s']} {unit}s/s at that load (`distill deploy` starts it; `llama-server.sh` and "
-            "`Modelfile` beside this report)."
+            f"{level['goodput_per_s']} {unit}s/s at that load{free} (`distill deploy` starts it; `llama-server.sh` "
+            "and `Modelfile` beside this report)."
         )
     else:
         lines.append(

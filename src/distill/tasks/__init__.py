@@ -2,7 +2,8 @@
 
 A pack makes the i-th input of a split (`Example`), checks an answer against that input's payload
 (named violations, weighted into a quality score), and may compare an answer with the teacher's,
-give reference answers, feed the tiny models' tokenizer corpus and bootstrap Self-Instruct requests.
+give reference answers, feed the tiny models' tokenizer corpus, bootstrap Self-Instruct requests and
+give each input an output grammar (what a valid answer may look like) for constrained decoding.
 Stages, teachers, the CLI and the report reach a task only through `load_task(cfg)`; nothing outside
 a pack knows its domain.
 """
@@ -42,6 +43,14 @@ class Violation:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What a valid answer to one input may look like, as llama.cpp GBNF (xgrammar and vLLM read it too)."""
+
+    gbnf: str
+    json_schema: dict[str, Any] | None = None  # the JSON Schema it came from: what `response_format` carries
+
+
+@dataclass(frozen=True)
 class SelfInstruct:
     """How a pack bootstraps free-form requests: the ask (with `{examples}`), and where a request goes."""
 
@@ -56,6 +65,7 @@ class Task(Protocol):
     weights: Mapping[str, float]  # every check this task can report, and its cost in the quality score
     agreement_titles: Mapping[str, str]  # agreement metric -> column title (empty: none)
     reference_source: str | None  # who writes reference answers, in words; None: the pack has none
+    grammar_leaves: Mapping[str, str]  # check -> why its grammar cannot enforce it (left to the checks)
 
     def size(self, split: str) -> int | None:
         """How many inputs the split has; None when the pack makes as many as asked."""
@@ -77,6 +87,10 @@ class Task(Protocol):
 
     def self_instruct(self) -> SelfInstruct | None: ...
 
+    def grammar(self, payload: dict[str, Any]) -> Grammar | None:
+        """The output grammar for this input; None when the pack has none (then for every input)."""
+        ...
+
 
 class TaskBase:
     """Defaults for a pack's optional parts; a pack (or your own python task) overrides what it has."""
@@ -84,6 +98,7 @@ class TaskBase:
     unit = "answer"
     agreement_titles: Mapping[str, str] = {}
     reference_source: str | None = None
+    grammar_leaves: Mapping[str, str] = {}
 
     def size(self, split: str) -> int | None:
         return None
@@ -101,6 +116,9 @@ class TaskBase:
         return texts
 
     def self_instruct(self) -> SelfInstruct | None:
+        return None
+
+    def grammar(self, payload: dict[str, Any]) -> Grammar | None:
         return None
 
 

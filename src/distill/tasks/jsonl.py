@@ -5,6 +5,8 @@ the split comes from a column or from a hash of a group column, so a group never
 answers are checked by a JSON Schema (one violation per schema error, named by its keyword, with its
 JSON path), a regular expression or a list of allowed answers. A gold-answer column gives reference
 answers: the `reference` teacher, and exact / per-field agreement with the gold answer in eval.
+The same schema, expression or list is the answers' grammar: llama.cpp's schema converter, with each
+regex read by Python's own parser (regex_gbnf.py), writes the GBNF.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ import hashlib
 import json
 import re
 import string
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from distill.tasks import SPLITS, Example, TaskBase, TaskError, Violation
+from distill.tasks import SPLITS, Example, Grammar, TaskBase, TaskError, Violation
 
 # What a failure of each JSON Schema keyword costs: a missing or mistyped field breaks a consumer,
 # a value outside its enum or pattern is wrong data in the right shape.
 SCHEMA_WEIGHTS = {"required": 0.4, "type": 0.4, "additionalProperties": 0.1}
 OTHER_SCHEMA_WEIGHT = 0.2
 # keywords that only hold subschemas: their errors are reported by the keyword inside
+# what llama.cpp's schema converter turns into grammar; any other keyword is left to the checks
+GRAMMAR_KEYWORDS = frozenset({"$schema", "$id", "$ref", "$defs", "definitions", "$comment", "title", "description",
+                              "default", "examples", "type", "anyOf", "allOf", "const", "enum", "properties",
+                              "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+                              "pattern", "minLength", "maxLength", "format"})  # fmt: skip
 CONTAINERS = frozenset({"properties", "patternProperties", "items", "prefixItems", "if", "then", "else", "allOf",
                         "$ref", "$dynamicRef", "dependentSchemas"})  # fmt: skip
 
@@ -80,6 +88,7 @@ class JsonlTask(TaskBase):
         except re.error as exc:
             raise TaskError(f"task.regex: not a valid regular expression ({exc})") from None
         self.weights = self._weights()
+        self.grammar_leaves = self._leaves()
         self.reference_source = (
             f"the gold answers in column '{cfg.reference_field}' of {', '.join(map(str, cfg.files))}"
             if cfg.reference_field
@@ -112,6 +121,30 @@ class JsonlTask(TaskBase):
             where = "/".join(map(str, exc.path)) or "the top level"
             raise TaskError(f"{path}: invalid JSON Schema at {where}: {exc.message}") from None
         return cls(schema)
+
+    def _leaves(self) -> dict[str, str]:
+        leaves = {}
+        if self.validator is not None:
+            used: set[str] = set()
+
+            def walk(node: Any) -> None:
+                if isinstance(node, dict):
+                    used.update(node)
+                    for key, value in node.items():
+                        if key in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+                            value = list(value.values()) if isinstance(value, dict) else value
+                        if key not in ("enum", "const", "default", "examples"):
+                            walk(value)
+                elif isinstance(node, list):
+                    for value in node:
+                        walk(value)
+
+            walk(self.validator.schema)
+            for keyword in sorted(used - GRAMMAR_KEYWORDS):
+                leaves[f"schema {keyword}"] = "the grammar converter has no rule for it"
+            if self.pattern is not None:
+                leaves["task.regex"] = "the grammar follows task.json_schema"
+        return leaves
 
     def _weights(self) -> dict[str, float]:
         weights = {}
@@ -174,6 +207,45 @@ class JsonlTask(TaskBase):
     def example(self, split: str, index: int) -> Example | None:
         rows = self.splits[split]
         return rows[index] if index < len(rows) else None
+
+    def grammar(self, payload: dict[str, Any]) -> Grammar:
+        return self._grammar  # one grammar for every input: the schema, expression or list is the task's
+
+    @cached_property
+    def _grammar(self) -> Grammar:
+        from llama_cpp.llama_grammar import SchemaConverter
+
+        from distill.tasks.regex_gbnf import literal, regex_gbnf
+
+        class Converter(SchemaConverter):
+            # llama.cpp's converter, with each "pattern" read by Python's regex parser as jsonschema reads it
+            def visit(self, schema: Any, name: str) -> str:
+                if isinstance(schema, dict) and isinstance(schema.get("type"), list):
+                    # a list of types keeps its other keywords (a pattern on a nullable string)
+                    rest = {k: v for k, v in schema.items() if k != "type"}
+                    schema = {"anyOf": [{**rest, "type": kind} for kind in schema["type"]]}
+                return super().visit(schema, name)
+
+            def _visit_pattern(self, pattern: str, name: str) -> str:
+                return self._add_rule(name, f'"\\"" ({regex_gbnf(pattern, dotall=False, json_string=True)}) "\\"" space')
+
+        c = self.cfg
+        if c.choices is not None:
+            return Grammar(gbnf="root ::= " + " | ".join(literal(choice) for choice in c.choices) + "\n")
+        key = "task.json_schema" if self.validator is not None else "task.regex"
+        try:
+            if self.validator is None:
+                return Grammar(gbnf=f"root ::= {regex_gbnf(c.regex)}\n")
+            converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+            converter.visit(self.validator.schema, "")
+            if "char" in converter._rules:  # the port lets raw control characters into strings; JSON does not
+                converter._rules["char"] = r'[^"\\\u0000-\u001F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+            return Grammar(gbnf=converter.format_grammar(), json_schema=self.validator.schema)
+        except Exception as exc:  # noqa: BLE001 - ours and the converter's, which raises bare exceptions
+            raise TaskError(
+                f"{key}: cannot be turned into a grammar ({exc}); simplify it, or set eval.grammar=false, "
+                "serve.grammar=false and generate.grammar=false"
+            ) from None
 
     def check(self, answer: str, payload: dict[str, Any]) -> list[Violation]:
         text = answer.strip()

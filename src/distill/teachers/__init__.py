@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.tasks import Grammar
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
@@ -21,8 +22,9 @@ class Completion:
 class Teacher(Protocol):
     name: str
 
-    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
-        """One completion per instance (its `prompt` is the user turn), in order."""
+    def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
+        """One completion per instance (its `prompt` is the user turn), in order; with `grammars`, instance
+        i's answer is decoded under grammars[i]."""
         ...
 
     def close(self) -> None: ...
@@ -43,6 +45,11 @@ def strip_think(text: str) -> tuple[str, int, bool]:
 
 def make_teacher(cfg: PipelineConfig, task: Any) -> Teacher:
     backend = cfg.generate.backend
+    if backend == "reference" and cfg.generate.grammar:
+        raise DistillError(
+            "generate.grammar: the reference backend writes the pack's reference answers and decodes nothing to "
+            "constrain; set generate.grammar=false or pick a language-model backend"
+        )
     if backend == "reference":
         from distill.teachers.reference import ReferenceTeacher
 

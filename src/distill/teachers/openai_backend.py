@@ -11,6 +11,7 @@ from typing import Any
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.tasks import Grammar
 from distill.teachers import Completion
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,17 @@ class OpenAITeacher:
                 "start the server or fix the URL"
             ) from None
 
-    def _one(self, prompt: str) -> Completion:
+    def _grammar_fields(self, grammar: Grammar | None) -> dict[str, Any]:
+        if grammar is None:
+            return {}
+        if grammar.json_schema is not None:  # the one form every OpenAI-compatible server takes
+            schema = {"name": "answer", "schema": grammar.json_schema, "strict": True}
+            return {"response_format": {"type": "json_schema", "json_schema": schema}}
+        if self.cfg.grammar_field == "grammar":
+            return {"grammar": grammar.gbnf}  # llama-server
+        return {"structured_outputs": {"grammar": grammar.gbnf}}  # vLLM
+
+    def _one(self, prompt: str, grammar: Grammar | None = None) -> Completion:
         import httpx
 
         s = self.sampling
@@ -52,6 +63,7 @@ class OpenAITeacher:
             # vLLM-specific extensions; other servers ignore unknown fields.
             "top_k": s.top_k,
             "chat_template_kwargs": {"enable_thinking": s.enable_thinking},
+            **self._grammar_fields(grammar),
         }
         for attempt in range(self.cfg.max_retries + 1):
             try:
@@ -70,9 +82,14 @@ class OpenAITeacher:
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 reason = type(exc).__name__
             except httpx.HTTPStatusError as exc:
+                hint = (
+                    "; if it takes no grammars this way, set generate.openai.grammar_field or generate.grammar=false"
+                    if grammar is not None
+                    else ""
+                )
                 raise DistillError(
                     f"generate.openai: {self.cfg.base_url} answered HTTP {exc.response.status_code}: "
-                    f"{exc.response.text[:200]}"
+                    f"{exc.response.text[:200]}{hint}"
                 ) from None
             if attempt == self.cfg.max_retries:
                 raise DistillError(
@@ -85,9 +102,9 @@ class OpenAITeacher:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+    def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(self._one, [inst["prompt"] for inst in instances]))
+            return list(pool.map(self._one, [inst["prompt"] for inst in instances], grammars or [None] * len(instances)))
 
     def close(self) -> None:
         self.client.close()

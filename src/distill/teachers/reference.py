@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from distill.errors import DistillError
-from distill.tasks import Task
+from distill.tasks import Grammar, Task
 from distill.teachers import Completion
 
 
@@ -20,7 +20,8 @@ class ReferenceTeacher:
             )
         self.task = task
 
-    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+    def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
+        # make_teacher refuses generate.grammar for this backend: there is nothing to constrain
         return [Completion(inst["reference"], len(inst["reference"].split())) for inst in instances]
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from distill.config import PipelineConfig
+from distill.tasks import Grammar
 from distill.teachers import Completion, local_model_dir
 
 
@@ -21,10 +22,15 @@ class TransformersTeacher:
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.sampling = cfg.generate.sampling
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.grammars: Any = None
         torch.manual_seed(cfg.seed)
 
-    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+    def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
         import torch
+
+        from distill.constrain import HFGrammars
 
         s = self.sampling
         texts = [
@@ -36,17 +42,21 @@ class TransformersTeacher:
         ]  # fmt: skip
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": max(s.top_k, 0) or None}
+        processors = []
+        if grammars is not None:
+            if self.grammars is None:
+                rows = self.model.config.vocab_size  # the logits' width, padding rows included
+                self.grammars = HFGrammars(self.tokenizer, rows, sorted(self.eos))
+            processors.append(self.grammars.processor(grammars))
         with torch.inference_mode():
             out = self.model.generate(
                 **batch, max_new_tokens=s.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                **(sampling if s.temperature > 0 else {"do_sample": False}),
+                logits_processor=processors, **(sampling if s.temperature > 0 else {"do_sample": False}),
             )  # fmt: skip
         new = out[:, batch["input_ids"].shape[1] :]
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
         results = []
         for row in new.tolist():
-            end = next((i for i, t in enumerate(row) if t in eos), len(row))
+            end = next((i for i, t in enumerate(row) if t in self.eos), len(row))
             # Special tokens are kept so think tags stay visible to the think-stripping step.
             results.append(Completion(self.tokenizer.decode(row[:end]), min(end + 1, len(row))))
         return results

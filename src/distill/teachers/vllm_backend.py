@@ -8,6 +8,7 @@ from typing import Any
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.tasks import Grammar
 from distill.teachers import Completion, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,16 @@ class VllmTeacher:
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
         self.template_kwargs = {"enable_thinking": s.enable_thinking}
 
-    def generate(self, instances: list[dict[str, Any]]) -> list[Completion]:
+    def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
+        from vllm.sampling_params import StructuredOutputsParams
+
         conversations = [[{"role": "user", "content": inst["prompt"]}] for inst in instances]
-        outputs = self.llm.chat(conversations, self.params, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
+        params: Any = self.params
+        if grammars is not None:  # vLLM's structured outputs: one grammar per request, compiled by its backend
+            params = [self.params.clone() for _ in grammars]
+            for p, grammar in zip(params, grammars):
+                p.structured_outputs = StructuredOutputsParams(grammar=grammar.gbnf)
+        outputs = self.llm.chat(conversations, params, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
         return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
 
     def close(self) -> None:

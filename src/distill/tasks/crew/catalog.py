@@ -54,6 +54,7 @@ class Catalog:
     def __init__(self, exercises: list[Exercise], source: str = "<memory>"):
         self.source = source
         self._by_id = {e.id: e for e in exercises}
+        self.position = {e.id: i for i, e in enumerate(exercises)}  # a workout lists its exercises in this order
 
     def __getitem__(self, exercise_id: str) -> Exercise:
         return self._by_id[exercise_id]

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from distill.tasks import Example, SelfInstruct, TaskError, Violation
+from distill.tasks import Example, Grammar, SelfInstruct, TaskError, Violation
 from distill.tasks.crew.catalog import DATA_DIR, load_catalog
 from distill.tasks.crew.checks import WEIGHTS, check_program
 from distill.tasks.crew.corpus import corpus_texts
+from distill.tasks.crew.grammar import LEAVES, program_grammar
 from distill.tasks.crew.history import LoggedWorkout
 from distill.tasks.crew.planner import plan_program
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import ProgramParseError, parse_program, render_program
 from distill.tasks.crew.prompt import make_instance
+from distill.tasks.crew.rules import next_focuses, split_for
 
 STREAM = {"train": 0, "validation": 1, "test": 2}
 STREAM_SEED_OFFSET = 7919  # held-out splits sample profiles with their own seeds
@@ -39,6 +41,7 @@ class CrewTask:
     weights = WEIGHTS
     agreement_titles = {"split_match": "split = teacher", "exercise_overlap": "exercise overlap"}
     reference_source = "the crew pack's rule-based planner"
+    grammar_leaves = LEAVES
 
     def __init__(self, cfg: Any, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -64,11 +67,22 @@ class CrewTask:
         )
 
     def check(self, answer: str, payload: dict[str, Any]) -> list[Violation]:
+        profile, logged = self._read(payload)
+        return check_program(answer, profile, self.catalog, logged)
+
+    def grammar(self, payload: dict[str, Any]) -> Grammar:
+        profile, logged = self._read(payload)
+        # without a history any position of the rotation may come next, as in the checks
+        starts = [len(logged)] if logged is not None else range(len(split_for(profile.level, profile.frequency)))
+        sequences = [next_focuses(profile, start) for start in starts]
+        return program_grammar(profile, logged, self.catalog, sequences, self.cfg.language)
+
+    def _read(self, payload: dict[str, Any]) -> tuple[Profile, list[LoggedWorkout] | None]:
         if not isinstance(payload, dict) or "profile" not in payload:
             raise TaskError("crew payload: expected a JSON object with 'profile' (and optionally 'history')")
         history = payload.get("history")
         logged = [LoggedWorkout.from_dict(w) for w in history] if history is not None else None
-        return check_program(answer, Profile.from_dict(payload["profile"]), self.catalog, logged)
+        return Profile.from_dict(payload["profile"]), logged
 
     def agreement(self, answer: str, reference: str, payload: dict[str, Any]) -> dict[str, float]:
         try:

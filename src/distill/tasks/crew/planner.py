@@ -24,7 +24,7 @@ def select_exercises(
 ) -> list[Exercise]:
     """One safe, available exercise per slot of the focus, moving the way the focus does (no press on a
     pull day); a slot with nothing left borrows from the focus's other groups, then from mobility work,
-    which needs nothing and suits everyone."""
+    which needs nothing and suits everyone. Listed in catalog order, as the answer format asks."""
     safe = [ex for ex in catalog if not unsafe_reasons(ex, profile) and fits_pattern(ex, focus)]
     if rng is not None:
         rng.shuffle(safe)
@@ -39,7 +39,7 @@ def select_exercises(
             if pick is not None:
                 chosen.append(pick)
                 break
-    return chosen
+    return sorted(chosen, key=lambda ex: catalog.position[ex.id])
 
 
 def _prescribe(ex: Exercise, profile: Profile, last: LoggedExercise | None) -> Prescription:

@@ -61,7 +61,7 @@ class Program:
     workouts: tuple[Workout, ...]
 
 
-def _fmt_load(load: float) -> str:
+def render_load(load: float) -> str:
     return str(int(load)) if float(load).is_integer() else f"{load:.1f}"
 
 
@@ -71,7 +71,7 @@ def render_line(p: Prescription, lang: str = "en") -> str:
         return f"- {p.exercise_id}: {p.sets}x{p.minutes} {w['min']}"
     if p.seconds is not None:
         return f"- {p.exercise_id}: {p.sets}x{p.seconds} {w['s']}, {w['rest']} {p.rest_s} {w['s']}"
-    load = f" @ {_fmt_load(p.load_kg)} {w['kg']}" if p.load_kg is not None else ""
+    load = f" @ {render_load(p.load_kg)} {w['kg']}" if p.load_kg is not None else ""
     return f"- {p.exercise_id}: {p.sets}x{p.reps}{load}, {w['rest']} {p.rest_s} {w['s']}"
 
 

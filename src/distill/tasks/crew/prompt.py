@@ -25,7 +25,7 @@ TEXT = {
         "allowed": "Exercises this crew member may do (id | group):",
         "rules": (
             "Rules: split for this level and frequency: {split}; the next {n} workouts are: {next}. "
-            "{lo}-{hi} exercises per workout from the workout's muscle groups{cardio}. "
+            "{lo}-{hi} different exercises per workout from the workout's muscle groups, in catalog order{cardio}. "
             "Sets x reps for {goal}: {sets} x {reps}; core {core}; holds {hold} s. "
             "Never use an exercise that is contraindicated, needs missing equipment or a higher level. "
             "Progress the load one step after a session done at RPE 8 or less; keep it after a missed or RPE 9+ session."
@@ -48,7 +48,7 @@ TEXT = {
         "allowed": "Упражнения, доступные этому члену экипажа (id | группа):",
         "rules": (
             "Правила: сплит для этого уровня и частоты: {split}; следующие {n} тренировки: {next}. "
-            "{lo}-{hi} упражнений на тренировку из мышечных групп тренировки{cardio}. "
+            "{lo}-{hi} разных упражнений на тренировку из мышечных групп тренировки, в порядке каталога{cardio}. "
             "Подходы x повторения для цели {goal}: {sets} x {reps}; кор {core}; статика {hold} с. "
             "Никогда не назначайте упражнение с противопоказанием, без нужного оборудования или выше уровня. "
             "Повышайте вес на шаг после тренировки с RPE 8 и ниже; оставляйте вес после невыполненной или с RPE 9+."

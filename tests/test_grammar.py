@@ -139,7 +139,9 @@ def student(tmp_path_factory) -> Path:
     return out / "student"
 
 
-def _hf_sample(folder: Path, prompts: list[str], grammars: list, greedy: bool, max_new_tokens: int) -> list[tuple[str, bool]]:
+def _hf_sample(
+    folder: Path, prompts: list[str], grammars: list, greedy: bool, max_new_tokens: int
+) -> list[tuple[str, bool]]:
     """(answer, ended by the model) for each prompt, decoded by transformers under its grammar."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -153,8 +155,12 @@ def _hf_sample(folder: Path, prompts: list[str], grammars: list, greedy: bool, m
     torch.manual_seed(0)
     out = []
     for prompt, grammar in zip(prompts, grammars):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)["input_ids"]
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.5, "top_k": None, "top_p": None}
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)[
+            "input_ids"
+        ]
+        sampling = (
+            {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.5, "top_k": None, "top_p": None}
+        )
         processors = [compiler.processor([grammar])] if grammar is not None else []
         with torch.inference_mode():
             new = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=eos,
@@ -167,12 +173,16 @@ def _hf_sample(folder: Path, prompts: list[str], grammars: list, greedy: bool, m
 def test_a_random_model_under_the_grammar_writes_only_what_the_grammar_allows(student) -> None:
     crew = crew_task()
     examples = [crew.example("test", i) for i in range(4)]
-    answers = _hf_sample(student, [e.prompt for e in examples], [crew.grammar(e.payload) for e in examples], False, 2000)
+    answers = _hf_sample(
+        student, [e.prompt for e in examples], [crew.grammar(e.payload) for e in examples], False, 2000
+    )
     for example, (text, ended) in zip(examples, answers):
         assert ended, text[-200:]
         assert {v.check for v in crew.check(text, example.payload)} <= LEFT_TO_CHECKS, text
         assert len(parse_program(text).workouts) == 3
-    free = _hf_sample(student, [e.prompt for e in examples[:1]], [None], False, 60)  # the same model, free: not a program
+    free = _hf_sample(
+        student, [e.prompt for e in examples[:1]], [None], False, 60
+    )  # the same model, free: not a program
     assert crew.check(free[0][0], examples[0].payload)
 
     techlog = JsonlTask(TECHLOG.task, 0)
@@ -208,8 +218,12 @@ def test_transformers_and_llama_cpp_decode_the_same_constrained_answer(student, 
             llama_grammar(llm, Grammar(gbnf=f"root ::= {regex_gbnf(pattern)}\n"))
         llama_grammar(llm, JsonlTask(TECHLOG.task, 0).grammar({}))
         for example, grammar, (text, ended) in zip(examples, grammars, expected):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": example.prompt}], add_generation_prompt=True)["input_ids"]
-            out = llm.create_completion(prompt=ids, max_tokens=1500, temperature=0, top_k=1, grammar=llama_grammar(llm, grammar))
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": example.prompt}], add_generation_prompt=True
+            )["input_ids"]
+            out = llm.create_completion(
+                prompt=ids, max_tokens=1500, temperature=0, top_k=1, grammar=llama_grammar(llm, grammar)
+            )
             assert ended and out["choices"][0]["finish_reason"] == "stop"
             assert out["choices"][0]["text"] == text
             assert {v.check for v in crew.check(text, example.payload)} <= LEFT_TO_CHECKS
@@ -233,7 +247,13 @@ def test_a_grammar_that_does_not_compile_and_a_backend_that_cannot_constrain(tmp
     assert run_cli("eval", str(path), "--model", "base", "eval.grammar=false", cwd=here).returncode == 0
 
     result = run_cli("generate", str(path), "generate.grammar=true", "--overwrite", cwd=here)
-    assert result.returncode == 1 and "the reference backend" in result.stderr and "generate.grammar=false" in result.stderr
-    result = run_cli("generate", str(path), "generate.grammar=true", "generate.backend=transformers", "--overwrite", cwd=here)
+    assert (
+        result.returncode == 1
+        and "the reference backend" in result.stderr
+        and "generate.grammar=false" in result.stderr
+    )
+    result = run_cli(
+        "generate", str(path), "generate.grammar=true", "generate.backend=transformers", "--overwrite", cwd=here
+    )
     assert result.returncode == 1 and "does not compile" in result.stderr and "generate.grammar=false" in result.stderr
     assert {p: file_sha256(p) for p in dataset.rglob("*") if p.is_file()} == before

@@ -70,7 +70,9 @@ class _Writer:
             raise RegexGrammarError("a character class that matches nothing here")
         if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
             return self.text(chr(ranges[0][0]))
-        return "[" + "".join(_char(a, True) if a == b else f"{_char(a, True)}-{_char(b, True)}" for a, b in ranges) + "]"
+        return (
+            "[" + "".join(_char(a, True) if a == b else f"{_char(a, True)}-{_char(b, True)}" for a, b in ranges) + "]"
+        )
 
     def text(self, text: str) -> str:
         if self.json:  # as JSON writes it inside a string
@@ -88,7 +90,9 @@ class _Writer:
                 parts.append(self.text(pending))
                 pending = ""
             if op is sre.AT:
-                at_edge = top and ((index == 0 and arg is sre.AT_BEGINNING) or (index == len(items) - 1 and arg is sre.AT_END))
+                at_edge = top and (
+                    (index == 0 and arg is sre.AT_BEGINNING) or (index == len(items) - 1 and arg is sre.AT_END)
+                )
                 if not at_edge:
                     raise RegexGrammarError("anchors and word boundaries only at the ends")
                 continue

@@ -39,12 +39,13 @@ def _rule_name(*parts: object) -> str:
 def _next_loads(ex: Exercise, last: LoggedExercise) -> str:
     """Every load, as the program writes it (tenths of a kg at most), that the progression rule allows."""
     assert last.load_kg is not None
-    top = int(last.load_kg * 1.2 * 10) + 100  # above any allowed load: +20% plus the largest step
-    loads = [render_load(tenths / 10) for tenths in range(1, top)]
-    allowed = [text for text in loads if progression_ok(ex, last.load_kg, last.completed, last.rpe, float(text))]
-    # after a hard or missed session the rule allows any lower load too; the prompt says keep it
     if not last.completed or last.rpe >= 9:
+        # the rule allows any lower load too; the prompt says keep it, and so does the grammar
         allowed = [render_load(last.load_kg)]
+    else:
+        top = int(last.load_kg * 12) + 100  # in tenths: above +20% plus the largest step
+        loads = [render_load(tenths / 10) for tenths in range(1, top)]
+        allowed = [text for text in loads if progression_ok(ex, last.load_kg, True, last.rpe, float(text))]
     return "(" + " | ".join(f'"{text}"' for text in allowed) + ")"
 
 
@@ -54,7 +55,8 @@ class _Rules:
     def __init__(self, lang: str, history: list[LoggedWorkout] | None):
         self.words = WORDS[lang]
         self.rules: dict[str, str] = {}
-        self.last = {e.exercise_id: e for w in history or [] for e in w.exercises}  # the latest log, as the checks read it
+        # each exercise's latest log, as the checks read it
+        self.last = {e.exercise_id: e for w in history or [] for e in w.exercises}
 
     def dosing(self, ex: Exercise, goal: str) -> str:
         w = self.words
@@ -128,7 +130,11 @@ def program_grammar(
     def workout(number: int, focus: str) -> str:
         name = _rule_name("workout", number, focus)
         if name not in rules.rules:
-            main = [ex for ex in safe if ex.group != "cardio" and ex.group in FOCUS_GROUPS[focus] and fits_pattern(ex, focus)]
+            main = [
+                ex
+                for ex in safe
+                if ex.group != "cardio" and ex.group in FOCUS_GROUPS[focus] and fits_pattern(ex, focus)
+            ]
             # no more lines than distinct exercises: a short list must not force a repeat
             low, high = min(MIN_EXERCISES, len(main)), min(MAX_EXERCISES, len(main))
             lines = rules.ordered(focus, main, low, high, profile.goal)

@@ -11,6 +11,7 @@ from conftest import crew_task, make_trained_run, run_cli
 from distill.config import CrewTaskConfig, JsonlTaskConfig, load_config
 from distill.tasks.crew.pack import CrewTask
 from distill.tasks.crew.program import parse_program, render_program
+from distill.tasks import TaskError
 from distill.tasks.jsonl import JsonlTask
 
 TECHLOG = load_config(Path(__file__).resolve().parents[1] / "configs/techlog.yaml")
@@ -58,6 +59,10 @@ def test_regex_and_choices_grammars(tmp_path) -> None:
     choices = JsonlTask(JsonlTaskConfig(kind="jsonl", files=[rows], prompt_field="text", split_field="split",
                                         choices=["approve", 'say "no"']), 0)  # fmt: skip
     assert accepts(choices.grammar({}).gbnf, 'say "no"') and not accepts(choices.grammar({}).gbnf, "approve it")
+    lookahead = JsonlTask(JsonlTaskConfig(kind="jsonl", files=[rows], prompt_field="text", split_field="split",
+                                          regex="a(?=b)b"), 0)  # fmt: skip
+    with pytest.raises(TaskError, match=r"task.regex: cannot be turned into a grammar \(assert has no grammar"):
+        lookahead.grammar({})
 
 
 REGEXES = [r"[0-9]+ items?( \(approx\.\))?", r'a.b\d"x"', r"(yes|no)\s[a-z]{2,4}", r"[^a-c]*z", r"x{3,}", r"\d{1,3}(,\d{3})*",

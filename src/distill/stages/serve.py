@@ -232,7 +232,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "backend": s.backend,
         "device": "gpu" if any(f["memory_measure"] == "gpu_bytes" for f in fleets.values()) else "cpu",
         "slo_ms": s.slo_ms,
-        "grammar": grammar_use(s.grammar, grammar),
+        "grammar": _grammar_use(s, grammar),
         "plan": plan,
         "processes_started": processes,
         "slots_started": slots,
@@ -267,10 +267,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     return record.finish()
 
 
-def grammar_use(enabled: bool, grammar: Grammar | None) -> str:
+def _grammar_use(s: Any, grammar: Grammar | None) -> str:
     if grammar is not None:
-        return "each request carries its input's grammar (`grammar`); the same requests also went out free"
-    return "free decoding (serve.grammar is off)" if not enabled else "free decoding (the task has no grammar)"
+        field = next(iter(request_fields(grammar, s.backend)))
+        return f"each request carries its input's grammar (`{field}`); the same requests also went out free"
+    return "free decoding (serve.grammar is off)" if not s.grammar else "free decoding (the task has no grammar)"
 
 
 def _free_level(fleet: dict[str, Any], level: dict[str, Any]) -> dict[str, Any]:

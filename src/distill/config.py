@@ -193,6 +193,20 @@ class OpenAIConfig(Strict):
     )
 
 
+class RayConfig(Strict):
+    """Teacher replicas on a Ray cluster (generate.engine: ray)."""
+
+    address: str | None = Field(
+        None, description="host:port of a running cluster (`ray start --head`); default: a local Ray inside the command."
+    )
+    actors: int = Field(2, ge=1, description="Teacher replicas; each batch is split between them.")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs each replica reserves (its torch threads).")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs each replica reserves (1 for a vLLM teacher on GPUs).")
+    max_restarts: int = Field(
+        3, ge=0, description="Times a replica that dies is restarted and its share of the batch sent again."
+    )
+
+
 class SelfInstructConfig(Strict):
     """Optional Self-Instruct bootstrapping of free-form requests (needs a language-model teacher and a pack with templates)."""
 
@@ -206,6 +220,9 @@ class SelfInstructConfig(Strict):
 class GenerateConfig(Strict):
     """Stage 1: the teacher writes the training data."""
 
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where the teacher runs: in this process, or as replicas on a Ray cluster (generate.ray)."
+    )
     backend: Literal["vllm", "openai", "transformers", "reference"] = Field(
         "vllm", description="Teacher backend; `reference` writes the task's own reference answers (offline)."
     )
@@ -224,6 +241,7 @@ class GenerateConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI-compatible endpoint.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and teacher replicas.")
     self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig, description="Self-Instruct requests.")
 
 

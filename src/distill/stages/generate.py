@@ -210,8 +210,14 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
     if not has_work(cfg, shard, state):
         return state
     columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())  # fmt: skip
-    teacher = make_teacher(cfg, task)
+               TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s{task.fields[replicas]}"),
+               TimeElapsedColumn())  # fmt: skip
+    if cfg.generate.engine == "ray":
+        from distill.teachers.ray_pool import RayTeachers
+
+        teacher: Any = RayTeachers(cfg)
+    else:
+        teacher = make_teacher(cfg, task)
     constrained = cfg.generate.grammar
     try:
         requests = None
@@ -224,7 +230,9 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
         tokens = 0
         started = time.perf_counter()
         with Progress(*columns, transient=False) as progress, records_path.open("a", encoding="utf-8") as out:
-            bar = progress.add_task(shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0)
+            bar = progress.add_task(
+                shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0, replicas=""
+            )
             while pending:
                 batch_start = time.perf_counter()
                 grammars = [task_grammar(task, inst["payload"]) for inst in pending] if constrained else None
@@ -252,11 +260,19 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                 out.flush()
                 os.fsync(out.fileno())
                 attempts = sum(state.attempts.values())
+                replicas = ""
+                if cfg.generate.engine == "ray":
+                    rates = teacher.throughput()
+                    replicas = " · replicas " + ", ".join(
+                        f"{r['examples_per_s']:g} ex/s {r['tokens_per_s']:.0f} tok/s" for r in rates
+                    )
                 progress.update(
                     bar, completed=sum(state.accepted.values()), rate=sum(state.accepted.values()) / max(attempts, 1),
-                    tps=tokens / max(time.perf_counter() - started, 1e-9),
+                    tps=tokens / max(time.perf_counter() - started, 1e-9), replicas=replicas,
                 )  # fmt: skip
                 pending = next_batch(cfg, shard, state, candidates)
+        if cfg.generate.engine == "ray":
+            atomic_write_json(shard_dir / "engine.json", {**teacher.cluster, "replicas": teacher.throughput()})
     finally:
         teacher.close()
     return load_state(records_path)
@@ -306,6 +322,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
     check_sizes(cfg, task)
     if cfg.generate.grammar:
         _check_grammar(cfg, task)
+    if cfg.generate.engine == "ray":
+        from distill.teachers.ray_pool import check_cluster
+
+        check_cluster(cfg)
     if cfg.generate.self_instruct.enabled and task.self_instruct() is None:
         raise DistillError(f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off")
     if shard is not None and overwrite:
@@ -363,6 +383,9 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
     with (folder / "rejected.jsonl").open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
     stats = statistics(cfg, accepted, rejected, n)
+    engines = [json.loads(p.read_text()) for d in shard_dirs if (p := d / "engine.json").is_file()]
+    if engines:  # the cluster each shard ran on, and its replicas' throughput
+        stats["cluster"] = engines
     atomic_write_json(folder / "stats.json", stats)
     print_stats(stats)
     record.metrics = stats
@@ -409,6 +432,7 @@ def statistics(cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], r
     output_tokens = sum(r["output_tokens"] for r in everything)
     stats: dict[str, Any] = {
         "backend": cfg.generate.backend,
+        "engine": cfg.generate.engine,
         "grammar": cfg.generate.grammar,
         "shards": shards,
         "counts": {split: len(recs) for split, recs in accepted.items()} | {"rejected": len(rejected), "attempts": len(everything)},

@@ -426,6 +426,8 @@ class PipelineConfig(Strict):
             sections = STAGE_SECTIONS[stage]
         subset = {k: data[k] for k in ("seed", "models", "task", *sections)}
         subset.get("eval", {}).pop("models", None)  # which models to evaluate does not change any result
+        for key in ("engine", "ray"):  # nor where the teacher runs: a run started here may continue on Ray
+            subset.get("generate", {}).pop(key, None)
         return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from distill.config import PipelineConfig
@@ -47,8 +49,15 @@ class VllmTeacher:
             if kwargs["dtype"] == "auto":
                 kwargs["dtype"] = "float32"
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cfg.run_path / ".vllm-cache"))
+        # the engine's IPC sockets: vLLM leaves them in /tmp; here they go in a folder close() removes
+        self.rpc = tempfile.mkdtemp(prefix="distill-vllm-")
+        os.environ["VLLM_RPC_BASE_PATH"] = self.rpc
         log.info("starting vLLM on %s (%s)", model, "cuda" if on_cuda() else "cpu")
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            shutil.rmtree(self.rpc, ignore_errors=True)
+            raise
         s = g.sampling
         # The engine is seeded (LLM(seed=...)); per-request seeds are not supported by the CPU sampler.
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
@@ -68,3 +77,4 @@ class VllmTeacher:
 
     def close(self) -> None:
         del self.llm
+        shutil.rmtree(self.rpc, ignore_errors=True)

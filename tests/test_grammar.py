@@ -156,7 +156,7 @@ def _hf_sample(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     eos = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
-    compiler = HFGrammars(tokenizer, model.config.vocab_size, eos)
+    compiler = HFGrammars(model, tokenizer, eos)
     torch.manual_seed(0)
     out = []
     for prompt, grammar in zip(prompts, grammars):

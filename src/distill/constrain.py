@@ -41,11 +41,12 @@ def first_grammar(task: Task, payload: dict[str, Any], setting: str | None) -> G
 class HFGrammars:
     """Compiles grammars against one HF tokenizer and turns them into `generate` logits processors."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: list[int]):
+    def __init__(self, model: Any, tokenizer: Any, stop_ids: list[int]):
         import xgrammar
 
-        # the model's embedding rows, not the tokenizer's length: padding rows must be masked too
-        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        # the logits' width (the model's vocabulary), not the tokenizer's length: padding rows are masked too
+        rows = model.config.vocab_size
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=rows, stop_token_ids=stop_ids)
         self.compiler = xgrammar.GrammarCompiler(info)
 
     def processor(self, grammars: list[Grammar]) -> Any:

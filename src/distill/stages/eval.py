@@ -95,9 +95,7 @@ class HFModel:
         sampling = {"do_sample": True, "temperature": e.temperature} if e.temperature > 0 else {"do_sample": False}
         processors = []
         if grammar is not None:
-            if self.grammars is None:
-                rows = self.model.config.vocab_size  # the logits' width, padding rows included
-                self.grammars = HFGrammars(self.tokenizer, rows, self.eos)
+            self.grammars = self.grammars or HFGrammars(self.model, self.tokenizer, self.eos)
             processors.append(self.grammars.processor([grammar]))
         with torch.inference_mode():
             out = self.model.generate(

@@ -51,8 +51,8 @@ class _Replica:
         start = time.perf_counter()
         return self.teacher.generate(instances, grammars), time.perf_counter() - start
 
-    def pid(self) -> int:
-        return os.getpid()
+    def ready(self) -> None:
+        """Answers once the replica is built, so that a backend that cannot start fails here."""
 
 
 class _LocalHead:
@@ -145,7 +145,7 @@ class RayTeachers:
             )(_Replica)  # fmt: skip
             threads = max(1, int(r.cpus_per_actor))
             self.replicas = [actor.remote(cfg, threads, os.getcwd()) for _ in range(r.actors)]
-            self.pids = ray.get([replica.pid.remote() for replica in self.replicas])
+            ray.get([replica.ready.remote() for replica in self.replicas])
         except BaseException:
             self.close()
             raise
@@ -165,11 +165,11 @@ class RayTeachers:
         import ray
 
         size = -(-len(instances) // len(self.replicas))  # contiguous shares, in order
-        shares = [(i, instances[i : i + size], grammars[i : i + size] if grammars else None)
+        shares = [(instances[i : i + size], grammars[i : i + size] if grammars else None)
                   for i in range(0, len(instances), size)]  # fmt: skip
-        refs = [replica.generate.remote(share, g) for replica, (_, share, g) in zip(self.replicas, shares)]
+        refs = [replica.generate.remote(share, g) for replica, (share, g) in zip(self.replicas, shares)]
         out: list[Completion] = []
-        for k, ((_, share, _), ref) in enumerate(zip(shares, refs)):
+        for k, ((share, _), ref) in enumerate(zip(shares, refs)):
             try:
                 completions, seconds = ray.get(ref)
             except ray.exceptions.RayError as exc:

@@ -44,9 +44,7 @@ class TransformersTeacher:
         sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": max(s.top_k, 0) or None}
         processors = []
         if grammars is not None:
-            if self.grammars is None:
-                rows = self.model.config.vocab_size  # the logits' width, padding rows included
-                self.grammars = HFGrammars(self.tokenizer, rows, sorted(self.eos))
+            self.grammars = self.grammars or HFGrammars(self.model, self.tokenizer, sorted(self.eos))
             processors.append(self.grammars.processor(grammars))
         with torch.inference_mode():
             out = self.model.generate(

@@ -142,6 +142,18 @@ def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(
 
 
 @pytest.mark.slow
+def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, models) -> None:
+    config = write_config(tmp_path, models, "term", SLOW + RAY, (12, 2, 2))
+    proc = start(config)
+    wait_for_records(tmp_path, "term", 4, proc)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # not Ray's crash handler: the command's own
+    stderr = proc.stderr.read()
+    assert stderr.strip().splitlines()[-1] == "error: terminated; re-run the same command to resume"
+    assert "Traceback" not in stderr and ray_leftovers() == []
+
+
+@pytest.mark.slow
 def test_a_replica_that_keeps_dying_is_one_line_and_keeps_what_is_done(tmp_path, models) -> None:
     config = write_config(
         tmp_path, models, "dies", SLOW + "  engine: ray\n  ray: {actors: 2, max_restarts: 0}\n", (12, 2, 2)

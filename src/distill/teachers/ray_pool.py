@@ -16,16 +16,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from distill.config import PipelineConfig
-from distill.errors import DistillError
+from distill.errors import DistillError, Terminated
 from distill.tasks import Grammar
 from distill.teachers import Completion
 
@@ -135,10 +137,15 @@ class RayTeachers:
         check_cluster(cfg)
         address = cluster_address(cfg)
         self.max_restarts = r.max_restarts
+        self.terminated = False
         self.head = _LocalHead(r.actors * r.cpus_per_actor) if address is None else None
         try:
             ray.init(address=self.head.address if self.head else address, log_to_driver=False,
                      logging_level=logging.WARNING)  # fmt: skip
+            # Ray's core worker takes SIGTERM for its crash dump (exit 1, no clean-up): SIGTERM ends the
+            # command as it does without Ray, stopping the replicas and the head on the way out
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._on_sigterm)
             actor = ray.remote(
                 num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                 max_task_retries=r.max_restarts,
@@ -172,6 +179,10 @@ class RayTeachers:
         for k, ((share, _), ref) in enumerate(zip(shares, refs)):
             try:
                 completions, seconds = ray.get(ref)
+            except KeyboardInterrupt:
+                if self.terminated:  # ray.get turns what the handler raised into a plain KeyboardInterrupt
+                    raise Terminated from None
+                raise
             except ray.exceptions.RayError as exc:
                 ids = ", ".join(inst["id"] for inst in share[:3]) + (", ..." if len(share) > 3 else "")
                 reason = str(exc).strip().splitlines()[0][:200]
@@ -185,6 +196,10 @@ class RayTeachers:
             stats["seconds"] += seconds
             out += completions
         return out
+
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        self.terminated = True
+        raise Terminated
 
     def throughput(self) -> list[dict[str, float]]:
         """Examples/s and output tokens/s of each replica so far (time inside its teacher)."""

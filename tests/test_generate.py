@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, crew_task, run_cli
+from conftest import check_captured_distribution, crew_task, kill_9_then_resume, run_cli
 from distill.config import load_config
 
 @pytest.fixture(scope="module")
@@ -84,19 +84,8 @@ def test_kill_9_then_resume_gives_exact_unique_counts(tmp_path, models) -> None:
     config = write_config(tmp_path, models).read_text().replace("num_examples: 40", "num_examples: 1500").replace("batch_size: 16", "batch_size: 4")
     path = tmp_path / "big.yaml"
     path.write_text(config)
-    records = tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(path)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < 100):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = records.read_bytes()
+    before = kill_9_then_resume(path, tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl", 100, 120)
     assert 100 <= before.count(b"\n") < 1511, "the run must be killed mid-way"
-    result = run_cli("generate", str(path))
-    assert result.returncode == 0, result.stderr
-    after = records.read_bytes()
-    assert after.startswith(before[: before.rfind(b"\n") + 1])
     recs = load_records(tmp_path / "runs/g/generate")
     ids = [r["id"] for r in recs]
     assert len(ids) == len(set(ids))
@@ -190,10 +179,12 @@ def test_a_teacher_under_the_grammar_is_rejected_only_for_what_the_grammar_canno
     path = write_config(tmp_path, models, extra)
     args = (f"generate.backend={backend}", "generate.num_examples=8", "generate.validation_examples=2",
             "generate.test_examples=2")  # fmt: skip
-    constrained = run_cli("generate", str(path), *args, "generate.grammar=true", env=VLLM_ENV)
+    # with the teacher's top-5 at every token (what train.objective=kd distils)
+    constrained = run_cli("generate", str(path), *args, "generate.grammar=true", "generate.logprobs=5", env=VLLM_ENV)
     recs = load_records(tmp_path / "runs/g/generate")
     assert len(recs) >= 12 and all(r["output_tokens"] > 0 for r in recs), constrained.stderr
     assert {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES
+    check_captured_distribution(tmp_path / "runs/g/generate", models / "teacher", 5)
     free = run_cli("generate", str(path), *args, "run_name=free", env=VLLM_ENV)
     assert "ran out of attempts" in free.stderr  # a random teacher, free, writes no valid program...
     reasons = {x for r in load_records(tmp_path / "runs/free/generate") for x in r["reasons"]}
@@ -274,11 +265,13 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
         assert len(recs) == 5 and all(r["output_tokens"] > 0 for r in recs)
         assert _FlakyProxy.chat_calls == 6  # 5 requests + 1 retried after the 503
         # the same server under each input's grammar (vLLM's structured_outputs): no answer is wrong in form
+        # with the top-5 log-probabilities (logprobs / top_logprobs, token ids through return_tokens_as_token_ids)
         result = run_cli("generate", str(path), "run_name=g2", "generate.backend=openai", "generate.grammar=true",
                          "generate.num_examples=3", "generate.validation_examples=1", "generate.test_examples=1",
-                         "generate.sampling.max_tokens=700")  # fmt: skip
+                         "generate.sampling.max_tokens=700", "generate.logprobs=5")  # fmt: skip
         recs = load_records(tmp_path / "runs/g2/generate")
         assert len(recs) >= 5 and {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES, result.stderr
+        check_captured_distribution(tmp_path / "runs/g2/generate", models / "teacher", 5)
     finally:
         proxy.shutdown()
         os.killpg(server.pid, signal.SIGTERM)

@@ -244,12 +244,13 @@ def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = F
         from distill.plan import build_plan
 
         cfg = _load(config, overrides)
-        mean_tokens = None
+        mean_tokens = response_tokens = None
         if is_complete(cfg, "generate"):
             stats = read_manifest(stage_dir(cfg, "generate"))["metrics"]
             if stats.get("prompt_tokens"):
-                mean_tokens = stats["prompt_tokens"]["mean"] + stats["response_tokens"]["mean"]
-        result = build_plan(cfg, mean_tokens)
+                response_tokens = stats["response_tokens"]["mean"]
+                mean_tokens = stats["prompt_tokens"]["mean"] + response_tokens
+        result = build_plan(cfg, mean_tokens, response_tokens)
         if as_json:
             console.print_json(json.dumps(result))
             return
@@ -260,6 +261,12 @@ def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = F
             if key == "memory_bytes":
                 for name, size in value.items():
                     table.add_row(f"memory.{name}", f"{size:,} B ({size / 2**20:,.1f} MiB)")
+            elif key == "teacher_distribution":
+                table.add_row(
+                    "teacher distribution (generate.logprobs)",
+                    f"top-{value['k']}, {value['bytes_per_token']} B/token x {value['tokens_per_example']:,.0f} "
+                    f"tokens/example ({value['tokens_source']}) = {value['bytes'] / 2**30:,.2f} GiB",
+                )
             elif isinstance(value, int):
                 table.add_row(key, f"{value:,}")
             else:

@@ -62,10 +62,15 @@ class TinyModelsConfig(Strict):
     seed: int = Field(0, description="Seed for weights and tokenizer corpus.")
     vocab_size: int = Field(4096, ge=512, description="Tokenizer vocabulary size, specials included.")
     corpus_size: int = Field(300, gt=0, description="Task instances rendered to train the tokenizers.")
-    student_arch: Literal["gemma3", "gpt2"] = Field(
+    student_arch: Literal["gemma3", "gpt2", "qwen3"] = Field(
         "gemma3",
         description="Student architecture: gemma3 (SentencePiece tokenizer) or gpt2 (the compact variant, sharing "
-        "the teacher's byte-level BPE task tokenizer).",
+        "the teacher's byte-level BPE task tokenizer), or qwen3 (the teacher's own architecture, to train a teacher).",
+    )
+    student_tokenizer: Literal["own", "teacher"] = Field(
+        "own",
+        description="A gemma3 student's tokenizer: its own SentencePiece one, or the teacher's (a same-tokenizer pair "
+        "for distillation); gpt2 and qwen3 students always share the teacher's.",
     )
     teacher: TinyModelSpec = Field(default_factory=TinyModelSpec, description="Tiny Qwen3 teacher shape.")
     student: TinyModelSpec = Field(
@@ -238,6 +243,11 @@ class GenerateConfig(Strict):
     grammar: bool = Field(
         False, description="Decode the teacher under the task's output grammar, so fewer answers are rejected for form."
     )
+    logprobs: int = Field(
+        0, ge=0, le=100,
+        description="Keep the teacher's k most likely next tokens and their log-probabilities at every generated "
+        "token (what train.objective=kd distils); 0 = text only. OpenAI-compatible servers allow at most 20.",
+    )  # fmt: skip
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI-compatible endpoint.")
@@ -257,6 +267,31 @@ class LoraConfig(Strict):
     )
 
 
+class KdConfig(Strict):
+    """How train.objective=kd distils the teacher's top-k distribution (captured with generate.logprobs)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="KL(teacher||student) (mass-covering), KL(student||teacher) (mode-seeking), or the generalised "
+        "Jensen-Shannon divergence with `beta`.",
+    )
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher: M = beta*P + (1-beta)*Q.")
+    temperature: float = Field(1.0, gt=0, description="Softens teacher and student alike; the loss is scaled by T^2.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the ordinary response cross-entropy; 1 - alpha goes to the divergence."
+    )
+    align: bool = Field(
+        True,
+        description="Teacher and student tokenizers differ: align their tokens by the text they spell. Off, a "
+        "different-tokenizer pair is an error.",
+    )
+    unmapped: Literal["uld", "skip"] = Field(
+        "uld",
+        description="A position where the teacher's token is not the student's (other segmentation): the "
+        "vocabulary-free sorted-probability distance (ULD), or cross-entropy only.",
+    )
+
+
 class TrainConfig(Strict):
     """Stage 2: label-masked LoRA SFT of the student."""
 
@@ -264,6 +299,12 @@ class TrainConfig(Strict):
         "auto", description="auto = Unsloth on CUDA when installed, else transformers + peft."
     )
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
+    objective: Literal["sft", "kd"] = Field(
+        "sft",
+        description="sft: cross-entropy on the teacher's text; kd: also the teacher's distribution (train.kd), "
+        "captured by generate.logprobs.",
+    )
+    kd: KdConfig = Field(default_factory=KdConfig, description="Distillation of the teacher's distribution.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     optim: Literal["adamw_8bit", "adamw_torch"] = Field("adamw_8bit", description="Optimizer.")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate.")

@@ -67,7 +67,15 @@ def train_steps(num_examples: int, cfg: PipelineConfig, world_size: int = 1) -> 
     return math.ceil(steps_per_epoch(num_examples, cfg, world_size) * cfg.train.epochs)
 
 
-def build_plan(cfg: PipelineConfig, mean_tokens: float | None = None) -> dict[str, Any]:
+def distribution_bytes_per_token(k: int) -> int:
+    """Arrow bytes of one teacher token's stored distribution: its id (int32), k candidate ids (int32) and k
+    float16 log-probabilities, and the offsets of the two per-token lists (int32 each)."""
+    return 4 + 6 * k + 2 * 4
+
+
+def build_plan(
+    cfg: PipelineConfig, mean_tokens: float | None = None, response_tokens: float | None = None
+) -> dict[str, Any]:
     model = meta_model(cfg)
     text_cfg = model.config
     base = sum(p.numel() for p in model.parameters())
@@ -105,7 +113,7 @@ def build_plan(cfg: PipelineConfig, mean_tokens: float | None = None) -> dict[st
     activations = (layers * per_layer + working) if cfg.train.gradient_checkpointing else layers * working
     logits_full = batch * seq_len * vocab * 4 * 2  # fp32 logits and their gradient
     logits_chunked = min(cfg.train.loss_chunk_size, batch * seq_len) * vocab * 4 * 2
-    return {
+    plan: dict[str, Any] = {
         "student": cfg.models.student,
         "architecture": text_cfg.model_type,
         "base_params": base,
@@ -129,3 +137,18 @@ def build_plan(cfg: PipelineConfig, mean_tokens: float | None = None) -> dict[st
             "total_full_logits": weights + optimizer + activations + logits_full,
         },
     }
+    g = cfg.generate
+    if g.logprobs:
+        # every generated example keeps it, held-out ones included; response length in teacher tokens is taken
+        # as the student's (from generate statistics) or, before any data exists, as the sampling limit
+        per_token = distribution_bytes_per_token(g.logprobs)
+        length = response_tokens or g.sampling.max_tokens
+        stored = examples + g.validation_examples + g.test_examples
+        plan["teacher_distribution"] = {
+            "k": g.logprobs,
+            "bytes_per_token": per_token,
+            "tokens_per_example": length,
+            "tokens_source": "generate statistics" if response_tokens else "generate.sampling.max_tokens (upper bound)",
+            "bytes": int(stored * length * per_token),
+        }
+    return plan

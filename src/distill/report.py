@@ -58,6 +58,15 @@ def _generate(cfg: PipelineConfig, task: Task, m: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
+    if m.get("logprobs"):
+        d = m["logprobs"]
+        lines += [
+            (
+                f"The teacher's top-{d['k']} log-probabilities were kept at each of its {d['teacher_tokens']:,} "
+                f"tokens in accepted answers: {d['bytes'] / 2**20:,.1f} MiB ({d['bytes_per_token']} B/token)."
+            ),
+            "",
+        ]
     return lines
 
 
@@ -70,10 +79,26 @@ def _train(cfg: PipelineConfig, m: dict[str, Any]) -> list[str]:
         + (f"; {m['truncated']} examples truncated" if m.get("truncated") else "")
         + ".",
         "",
+        _objective(m),
+        "",
     ]
     if (stage_dir(cfg, "train") / "loss.png").is_file():
         lines += ["![training loss](train/loss.png)", ""]
     return lines
+
+
+def _objective(m: dict[str, Any]) -> str:
+    kd = m.get("kd")
+    if m.get("objective") != "kd" or not kd:
+        return "Objective: cross-entropy on the teacher's text (SFT)."
+    c = kd["coverage"]
+    beta = f", beta {kd['beta']}" if kd["divergence"] == "jsd" else ""
+    return (
+        f"Objective: distillation of the teacher's top-k distribution ({kd['divergence']}{beta}, temperature "
+        f"{kd['temperature']}, cross-entropy weight {kd['alpha']}); {c['share']:.0%} of {c['tokens']:,} response "
+        f"tokens had a teacher distribution (same tokenizer {c['direct']:,}, mapped by text {c['mapped']:,}, "
+        f"ULD {c['uld']:,}; none {c['none']:,})."
+    )
 
 
 def _sizes(

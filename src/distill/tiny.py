@@ -167,7 +167,8 @@ def _teacher_config(spec: Any, tokenizer: Any) -> Any:
     )
 
 
-def _student_config(spec: Any, tokenizer: Any) -> Any:
+def _student_config(spec: Any, tokenizer: Any, special_ids: tuple[int, int, int] = (0, 1, 2)) -> Any:
+    """Gemma 3; `special_ids` are pad, eos and bos (Gemma's own unless it speaks the teacher's tokenizer)."""
     from transformers import Gemma3TextConfig
 
     # Every 6th layer global, the rest sliding, exactly as Gemma 3 (and llama.cpp's gemma3 graph) has it.
@@ -190,9 +191,9 @@ def _student_config(spec: Any, tokenizer: Any) -> Any:
         },
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
+        pad_token_id=special_ids[0],
+        eos_token_id=special_ids[1],
+        bos_token_id=special_ids[2],
     )
 
 
@@ -250,6 +251,12 @@ def build_tiny_models(out_dir: Path, texts: list[str], spec: Any) -> dict[str, P
 
         # The compact variant's student speaks the task tokenizer (the teacher's), trained in full.
         _save(GPT2LMHeadModel, _gpt2_config(spec.student, teacher_tok), teacher_tok, student_dir, eos, spec.seed + 1)
+    elif spec.student_arch == "qwen3":  # the teacher's architecture and tokenizer: a teacher to train
+        _save(Qwen3ForCausalLM, _teacher_config(spec.student, teacher_tok), teacher_tok, student_dir, eos, spec.seed + 1)
+    elif spec.student_tokenizer == "teacher":  # Gemma 3 speaking the teacher's tokenizer: a same-tokenizer pair
+        ids = (teacher_cfg.pad_token_id, teacher_cfg.eos_token_id, teacher_cfg.bos_token_id)
+        student_cfg = _student_config(spec.student, teacher_tok, ids)
+        _save(Gemma3ForCausalLM, student_cfg, teacher_tok, student_dir, eos, spec.seed + 1, embed_std=STUDENT_EMBED_STD)
     else:
         student_tok = _student_tokenizer(texts, spec.vocab_size, student_dir)
         student_cfg = _student_config(spec.student, student_tok)

@@ -26,9 +26,10 @@ from distill.config import PipelineConfig
 from distill.constrain import first_grammar, task_grammar
 from distill.dedup import NearDuplicateIndex
 from distill.errors import DistillError
+from distill.kd import COLUMNS, pack, unpack
 from distill.models import ensure_models
 from distill.tasks import Task, load_task
-from distill.teachers import make_teacher
+from distill.teachers import check_backend, make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
     else:
         teacher = make_teacher(cfg, task)
     constrained = cfg.generate.grammar
+    top_k = cfg.generate.logprobs
     try:
         requests = None
         if cfg.generate.self_instruct.enabled:
@@ -249,6 +251,10 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                         "raw": completion.text if completion.text != answer else None,
                         "think_blocks": blocks, "output_tokens": completion.output_tokens, "batch": batch_id, "batch_s": round(wall, 4),
                     }  # fmt: skip
+                    if top_k and status == "accepted":  # in the record's own line: written and resumed with it
+                        if completion.logprobs is None:
+                            raise DistillError(f"generate.logprobs: the {cfg.generate.backend} backend returned no log-probabilities")
+                        record["teacher"] = pack(completion.logprobs, top_k)
                     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                     state.done.add((inst["split"], inst["index"]))
                     state.attempts[inst["split"]] += 1
@@ -306,8 +312,6 @@ def _shortfall_message(cfg: PipelineConfig, shard: Shard, state: ShardState) -> 
 
 def _check_grammar(cfg: PipelineConfig, task: Task) -> None:
     """generate.grammar needs a pack with a grammar that compiles and a backend that decodes."""
-    if cfg.generate.backend == "reference":
-        make_teacher(cfg, task)  # refuses it with the reason
     example = next((task.example(s, 0) for s in SPLITS if task.example(s, 0) is not None), None)
     if example is not None and first_grammar(task, example.payload, "generate.grammar") is None:
         raise DistillError(f"generate.grammar: task '{task.name}' has no output grammar; set generate.grammar=false")
@@ -320,6 +324,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         raise DistillError("--merge-shards combines finished shards; run it without --shard")
     task = load_task(cfg)  # a broken task fails here, before anything on disk is touched
     check_sizes(cfg, task)
+    check_backend(cfg)
     if cfg.generate.grammar:
         _check_grammar(cfg, task)
     if cfg.generate.engine == "ray":
@@ -379,10 +384,12 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
     if leaked:
         raise DistillError(f"generate: held-out examples share a group with train ({leaked[0]}, ...); re-run with --overwrite")
 
-    save_dataset(accepted, folder / "dataset")
+    saved = save_dataset(accepted, folder / "dataset", cfg.generate.logprobs)
     with (folder / "rejected.jsonl").open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
     stats = statistics(cfg, accepted, rejected, n)
+    if cfg.generate.logprobs:
+        stats["logprobs"] = distribution_size(saved, cfg.generate.logprobs)
     engines = [json.loads(p.read_text()) for d in shard_dirs if (p := d / "engine.json").is_file()]
     if engines:  # the cluster each shard ran on, and its replicas' throughput
         stats["cluster"] = engines
@@ -393,26 +400,46 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
     return record.finish()
 
 
-def save_dataset(accepted: dict[str, list[dict[str, Any]]], target: Path) -> None:
-    from datasets import Dataset, DatasetDict, disable_progress_bars
+def save_dataset(accepted: dict[str, list[dict[str, Any]]], target: Path, top_k: int = 0) -> Any:
+    """One encoding of a row for every task; the payload is JSON text (its shape is the pack's business). With
+    the teacher's distribution, three more columns: its tokens, and each one's top-k ids and log-probabilities."""
+    from datasets import Dataset, DatasetDict, Features, List, Value, disable_progress_bars
 
     disable_progress_bars()
-    # one encoding of a row for every task; the payload is JSON text (its shape is the pack's business)
     columns = ("id", "index", "group", "payload", "prompt", "response")
+    features = Features({
+        "id": Value("string"), "index": Value("int64"), "group": Value("string"), "payload": Value("string"),
+        "prompt": Value("string"), "response": Value("string"),
+        **({"teacher_tokens": List(Value("int32")), "teacher_top_ids": List(List(Value("int32"))),
+            "teacher_top_logprobs": List(List(Value("float16")))} if top_k else {}),
+    })  # fmt: skip
 
-    def rows(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    def rows(records: list[dict[str, Any]]) -> Dataset:
         records = sorted(records, key=lambda r: r["index"])
-        out: dict[str, list[Any]] = {c: [] for c in columns}
+        out: dict[str, list[Any]] = {c: [] for c in features}
         for r in records:
             for c in columns:
                 out[c].append(json.dumps(r[c], ensure_ascii=False) if c == "payload" else r[c])
-        return out
+            if top_k:
+                for c, array in zip(COLUMNS, unpack(r["teacher"])):
+                    out[c].append(array)
+        return Dataset.from_dict(out, features=features)
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict({split: Dataset.from_dict(rows(accepted[split])) for split in ("train", "validation", "test")}).save_to_disk(str(tmp))
+    # an empty split is left out: `datasets` writes it but cannot read it back
+    data = DatasetDict({split: rows(accepted[split]) for split in ("train", "validation", "test") if accepted[split]})
+    data.save_to_disk(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    return data
+
+
+def distribution_size(data: Any, top_k: int) -> dict[str, Any]:
+    """What the teacher's distribution costs on disk, per teacher token, as stored (Arrow, all splits)."""
+    tokens = sum(sum(len(t) for t in data[s]["teacher_tokens"]) for s in data)
+    size = sum(data[s].data.column(c).nbytes for s in data for c in COLUMNS)
+    return {"k": top_k, "teacher_tokens": tokens, "bytes": size, "bytes_per_token": round(size / max(tokens, 1), 1)}
 
 
 def _lengths(values: list[int]) -> dict[str, float]:

@@ -85,7 +85,7 @@ def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
     from datasets import load_from_disk
 
     dataset = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
-    split = dataset["test"] if len(dataset["test"]) else dataset["validation"]
+    split = dataset["test"] if "test" in dataset else dataset["validation"]
     rows = [split[i % len(split)] for i in range(count)]
     return [{"prompt": r["prompt"], "payload": json.loads(r["payload"])} for r in rows]
 

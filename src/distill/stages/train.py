@@ -75,9 +75,23 @@ def load_dataset_split(cfg: PipelineConfig) -> Any:
     return data["train"]
 
 
-def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int]:
-    from datasets import Dataset
+def check_distribution(cfg: PipelineConfig, rows: Any) -> None:
+    """train.objective=kd needs the teacher's distribution in the dataset."""
+    from distill.kd import COLUMNS
 
+    missing = [c for c in COLUMNS if c not in rows.column_names]
+    if missing:
+        raise DistillError(
+            f"train.objective=kd: the dataset has no teacher distribution ({', '.join(missing)}); generate it with "
+            f"generate.logprobs=20 (`distill generate {cfg.command_args} generate.logprobs=20 --overwrite`), or set "
+            "train.objective=sft"
+        )
+
+
+def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int]:
+    from datasets import Dataset, concatenate_datasets
+
+    from distill.kd import COLUMNS
     from distill.sft_data import check_chat_template, encode_example
 
     check_chat_template(tokenizer, cfg.models.student)
@@ -89,7 +103,47 @@ def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int]:
         columns["labels"].append(enc.labels)
         columns["length"].append(len(enc.input_ids))
         truncated += enc.truncated
-    return Dataset.from_dict(columns), truncated
+    dataset = Dataset.from_dict(columns)
+    if cfg.train.objective == "kd":  # the collator aligns them batch by batch; they stay in Arrow until then
+        dataset = concatenate_datasets([dataset, rows.select_columns(["response", *COLUMNS])], axis=1)
+    return dataset, truncated
+
+
+def kd_coverage(dataset: Any, aligner: Any) -> dict[str, Any]:
+    """Student response tokens that get a teacher distribution, by route (see distill.kd)."""
+    from collections import Counter
+
+    from distill.kd import ROUTES, example_targets
+    from distill.sft_data import IGNORE
+
+    counts: Counter = Counter()
+    for row in dataset:
+        counts += aligner.targets(*example_targets(row, IGNORE))[3]
+    tokens = sum(counts.values())
+    covered = tokens - counts["none"]
+    return {"tokens": tokens, **{r: counts[r] for r in ROUTES}, "share": round(covered / max(tokens, 1), 4)}
+
+
+def attach_objective(cfg: PipelineConfig, model: Any, tokenizer: Any, dataset: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Give the model its loss (train.objective) and return the collator that feeds it, with the share of
+    response tokens that get a teacher distribution (kd only)."""
+    from distill.kd import ROUTES, KdCollator, load_aligner
+    from distill.loss import KdSettings, attach_response_loss
+    from distill.sft_data import Collator
+
+    t = cfg.train
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if t.objective == "sft":
+        attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
+        return Collator(pad_id), None
+    aligner = load_aligner(cfg.models.teacher, tokenizer, uld=t.kd.unmapped == "uld", align=t.kd.align)
+    coverage = kd_coverage(dataset, aligner)
+    log.info("distilling %s from the teacher's top-%d: %.1f%% of %d response tokens covered (%s)",
+             t.kd.divergence, len(dataset[0]["teacher_top_ids"][0]), 100 * coverage["share"], coverage["tokens"],
+             ", ".join(f"{r} {coverage[r]}" for r in ROUTES))  # fmt: skip
+    settings = KdSettings(t.kd.divergence, t.kd.beta, t.kd.temperature, t.kd.alpha)
+    attach_response_loss(causal_lm_of(model), t.loss_chunk_size, settings)
+    return KdCollator(pad_id, aligner), coverage
 
 
 def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, Any]:
@@ -245,9 +299,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     import torch
     from transformers import Trainer, set_seed
 
-    from distill.loss import NonFiniteLoss, attach_response_loss
+    from distill.loss import NonFiniteLoss
     from distill.plan import build_plan, train_steps
-    from distill.sft_data import Collator
 
     folder = stage_dir(cfg, "train")
     checkpoints = folder / "checkpoints"
@@ -271,6 +324,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     record = StageRecord(cfg, "train", inputs=("generate",))
     set_seed(cfg.seed)
     rows = load_dataset_split(cfg)
+    if t.objective == "kd":
+        check_distribution(cfg, rows)
     model, tokenizer = load_student(cfg, backend, bf16)
     dataset, truncated = tokenize(cfg, tokenizer, rows)
     if truncated:
@@ -292,8 +347,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     log.info("%s backend, %s, %d process(es), %d examples, %d steps, %s trainable parameters", backend,
              "bf16" if bf16 else "fp32", args.world_size, len(dataset), steps, f"{trainable:,}")  # fmt: skip
 
-    attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
-    collator = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    collator, coverage = attach_objective(cfg, model, tokenizer, dataset)
     callbacks = make_callbacks(model, log_path, steps)
     if t.optim == "adamw_8bit":
         _forget_earlier_optimizer_overrides()
@@ -327,6 +381,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     record.metrics = {
+        "objective": t.objective,
+        **({"kd": {**t.kd.model_dump(), "coverage": coverage}} if coverage else {}),
         "backend": backend,
         "precision": "bf16" if bf16 else "fp32",
         "optimizer": optimizer_name(trainer.optimizer),

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.kd import TokenLogprobs
 from distill.tasks import Grammar
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -17,6 +18,7 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 class Completion:
     text: str
     output_tokens: int
+    logprobs: TokenLogprobs | None = None  # with generate.logprobs: every generated token's top-k
 
 
 class Teacher(Protocol):
@@ -24,7 +26,7 @@ class Teacher(Protocol):
 
     def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
         """One completion per instance (its `prompt` is the user turn), in order; with `grammars`, instance
-        i's answer is decoded under grammars[i]."""
+        i's answer is decoded under grammars[i]; with generate.logprobs, each carries its tokens' top-k."""
         ...
 
     def close(self) -> None: ...
@@ -43,13 +45,29 @@ def strip_think(text: str) -> tuple[str, int, bool]:
     return answer, blocks, blocks > 0 and not answer
 
 
-def make_teacher(cfg: PipelineConfig, task: Any) -> Teacher:
-    backend = cfg.generate.backend
-    if backend == "reference" and cfg.generate.grammar:
+def check_backend(cfg: PipelineConfig) -> None:
+    """Settings the chosen backend cannot honour; checked before anything is written."""
+    g = cfg.generate
+    if g.backend == "reference" and g.grammar:
         raise DistillError(
             "generate.grammar: the reference backend writes the pack's reference answers and decodes nothing to "
             "constrain; set generate.grammar=false or pick a language-model backend"
         )
+    if g.backend == "reference" and g.logprobs:
+        raise DistillError(
+            "generate.logprobs: the reference backend writes the pack's reference answers and has no distribution to "
+            "keep; set generate.logprobs=0 or pick a language-model backend"
+        )
+    if g.backend == "openai" and g.logprobs > 20:
+        raise DistillError(
+            f"generate.logprobs={g.logprobs}: OpenAI-compatible endpoints return at most 20 top log-probabilities "
+            "per token; set generate.logprobs=20 or lower"
+        )
+
+
+def make_teacher(cfg: PipelineConfig, task: Any) -> Teacher:
+    backend = cfg.generate.backend
+    check_backend(cfg)
     if backend == "reference":
         from distill.teachers.reference import ReferenceTeacher
 

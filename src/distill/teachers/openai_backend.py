@@ -11,6 +11,7 @@ from typing import Any
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.kd import TokenLogprobs
 from distill.tasks import Grammar
 from distill.teachers import Completion
 
@@ -31,6 +32,7 @@ class OpenAITeacher:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(base_url=self.cfg.base_url.rstrip("/"), headers=headers, timeout=self.cfg.timeout_s)
         self.retries = 0
+        self.top_k = cfg.generate.logprobs
         try:
             self.client.get("/models", timeout=min(10.0, self.cfg.timeout_s)).raise_for_status()
         except httpx.HTTPError as exc:
@@ -65,6 +67,9 @@ class OpenAITeacher:
             "chat_template_kwargs": {"enable_thinking": s.enable_thinking},
             **self._grammar_fields(grammar),
         }
+        if self.top_k:
+            # token ids, not their text, are what the aligner reads (vLLM's extension; llama-server adds an "id")
+            body |= {"logprobs": True, "top_logprobs": self.top_k, "return_tokens_as_token_ids": True}
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 response = self.client.post("/chat/completions", json=body)
@@ -77,7 +82,8 @@ class OpenAITeacher:
                     text = message.get("content") or ""
                     if message.get("reasoning_content"):
                         text = f"<think>{message['reasoning_content']}</think>{text}"
-                    return Completion(text, int(data.get("usage", {}).get("completion_tokens", 0)))
+                    tokens = int(data.get("usage", {}).get("completion_tokens", 0))
+                    return Completion(text, tokens, self._logprobs(data["choices"][0]) if self.top_k else None)
                 reason = f"HTTP {response.status_code}"
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 reason = type(exc).__name__
@@ -101,6 +107,36 @@ class OpenAITeacher:
             log.warning("openai: %s, retrying in %.1f s", reason, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _logprobs(self, choice: dict[str, Any]) -> TokenLogprobs:
+        content = (choice.get("logprobs") or {}).get("content")
+        if not content:
+            raise DistillError(
+                f"generate.logprobs: {self.cfg.base_url} returned no log-probabilities; serve the teacher with vLLM "
+                "(or another server that honours `logprobs`/`top_logprobs`), or set generate.logprobs=0"
+            )
+        ids, top_ids, top_values = [], [], []
+        for step in content:
+            ids.append(self._token_id(step))
+            # not always in falling order (vLLM may list the sampled token first); JSON has no -inf, so vLLM
+            # writes -9999 for a token the grammar forbids
+            ranked = sorted(((float(c["logprob"]), self._token_id(c)) for c in step.get("top_logprobs", [])),
+                            reverse=True)[: self.top_k]  # fmt: skip
+            top_ids.append([token for _, token in ranked])
+            top_values.append([value if value > -9999 else float("-inf") for value, _ in ranked])
+        return TokenLogprobs(ids, top_ids, top_values)
+
+    def _token_id(self, entry: dict[str, Any]) -> int:
+        if isinstance(entry.get("id"), int):
+            return entry["id"]
+        token = str(entry.get("token", ""))
+        if token.startswith("token_id:") and token[9:].isdigit():
+            return int(token[9:])
+        raise DistillError(
+            f"generate.logprobs: {self.cfg.base_url} names tokens by their text ({token!r}), not their ids; the "
+            "distribution needs ids (vLLM's return_tokens_as_token_ids); serve the teacher with vLLM or set "
+            "generate.logprobs=0"
+        )
 
     def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:

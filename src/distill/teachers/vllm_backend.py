@@ -10,6 +10,7 @@ from typing import Any
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.kd import TokenLogprobs
 from distill.tasks import Grammar
 from distill.teachers import Completion, local_model_dir
 
@@ -39,6 +40,11 @@ class VllmTeacher:
             model=model, dtype=g.vllm.dtype, max_model_len=g.vllm.max_model_len, max_num_seqs=g.vllm.max_num_seqs,
             seed=cfg.seed, enforce_eager=g.vllm.enforce_eager, tensor_parallel_size=g.vllm.tensor_parallel_size,
         )  # fmt: skip
+        self.top_k = g.logprobs
+        if self.top_k:
+            # vLLM's default raw_logprobs: at temperature 1, before sampling settings, after a grammar's mask
+            # (applied to the logits before its sampler)
+            kwargs["max_logprobs"] = max(self.top_k, 20)
         if on_cuda():
             kwargs["gpu_memory_utilization"] = g.vllm.gpu_memory_utilization
             if g.vllm.data_parallel_size > 1:
@@ -60,7 +66,10 @@ class VllmTeacher:
             raise
         s = g.sampling
         # The engine is seeded (LLM(seed=...)); per-request seeds are not supported by the CPU sampler.
-        self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
+        self.params = SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+            logprobs=self.top_k or None,
+        )  # fmt: skip
         self.template_kwargs = {"enable_thinking": s.enable_thinking}
 
     def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
@@ -73,7 +82,21 @@ class VllmTeacher:
             for p, grammar in zip(params, grammars):
                 p.structured_outputs = StructuredOutputsParams(grammar=grammar.gbnf)
         outputs = self.llm.chat(conversations, params, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
-        return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+        return [
+            Completion(o.outputs[0].text, len(o.outputs[0].token_ids), self._logprobs(o.outputs[0]))
+            for o in outputs
+        ]
+
+    def _logprobs(self, output: Any) -> TokenLogprobs | None:
+        """Each step's top-k by rank (vLLM adds the sampled token when it ranks lower; it is dropped here)."""
+        if not self.top_k:
+            return None
+        ids, values = [], []
+        for step in output.logprobs:
+            ranked = sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= self.top_k)
+            ids.append([token for _, token, _ in ranked])
+            values.append([value for _, _, value in ranked])
+        return TokenLogprobs(list(output.token_ids), ids, values)
 
     def close(self) -> None:
         del self.llm

@@ -1,0 +1,170 @@
+"""Does distilling the teacher's distribution beat training on its text? One CPU run, every step a `distill`
+command (configs/kd-tiny.yaml):
+
+  1. tiny models: a Qwen3-style teacher, a Gemma-3-style student with its own SentencePiece tokenizer (the
+     cross-tokenizer pair), the same student speaking the teacher's tokenizer (the same-tokenizer pair), and a
+     copy of the teacher's architecture to train;
+  2. the teacher learns the task: `distill run` on the task's reference answers (generate, train, merge), so
+     it has a distribution worth distilling;
+  3. per student family, the trained teacher writes the data with its top-20 log-probabilities
+     (`generate.logprobs`), under the task's grammar; then, at the same number of student steps,
+     `train.objective=sft` and `train.objective=kd`, each merged and evaluated on the same held-out inputs.
+
+  .venv/bin/python scripts/kd_experiment.py [--teacher-examples 768] [--teacher-epochs 3]
+
+Prints one table (held-out validity, quality, perplexity on the teacher's answers, agreement with the
+teacher, wall time) and writes it, with every number, to runs/kd-results.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs/kd-tiny.yaml"
+MODELS = Path("models/kd-tiny")
+
+
+def distill(*args: str) -> float:
+    """Run one distill command; its wall time in seconds."""
+    started = time.perf_counter()
+    print("$ distill " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=REPO, check=True)
+    return time.perf_counter() - started
+
+
+def variant(work: Path, name: str, **sections: dict[str, Any]) -> Path:
+    """configs/kd-tiny.yaml with some keys replaced (nested dicts merge, other values replace)."""
+
+    def merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    data = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
+    merge(data, sections)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def manifest(run: str, stage: str) -> dict[str, Any]:
+    return json.loads((REPO / "runs" / run / stage / "manifest.json").read_text())["metrics"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-examples", type=int, default=768, help="reference answers the teacher learns")
+    parser.add_argument("--teacher-epochs", type=float, default=3)
+    args = parser.parse_args()
+    work = REPO / "runs/kd-configs"
+    work.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load(CONFIG.read_text())
+    tiny = base["models"]["tiny"]
+
+    # 1. models, all from the same tokenizer corpus and seed: the teacher's tokenizer is the same in each build
+    builds = {
+        "cross": {},
+        "same": {"student_tokenizer": "teacher"},
+        "trainee": {"student_arch": "qwen3", "student": tiny["teacher"]},
+    }
+    for name, spec in builds.items():
+        if not (REPO / MODELS / name / "student/config.json").is_file():
+            distill(
+                "tiny-models",
+                str(MODELS / name),
+                "--config",
+                str(variant(work, f"models-{name}", models={"tiny": spec})),
+            )
+
+    from transformers import AutoTokenizer
+
+    vocab = {n: AutoTokenizer.from_pretrained(REPO / MODELS / n / "student").get_vocab() for n in ("same", "trainee")}
+    assert vocab["same"] == vocab["trainee"], "the same-tokenizer student must speak the teacher's tokenizer"
+
+    # 2. the teacher learns the task from the reference answers
+    teacher_cfg = variant(
+        work, "teacher", run_name="kd-teacher",
+        models={"teacher": str(MODELS / "cross/teacher"), "student": str(MODELS / "trainee/student"), "tiny": None},
+        generate={"backend": "reference", "grammar": False, "logprobs": 0, "num_examples": args.teacher_examples,
+                  "batch_size": 64},
+        train={"epochs": args.teacher_epochs},
+    )  # fmt: skip
+    teacher_s = distill("run", str(teacher_cfg), "--until", "merge")
+
+    # 3. per student family: the teacher's data with its distribution, then SFT and KD at the same steps
+    rows: list[dict[str, Any]] = []
+    for family in ("cross", "same"):
+        run = f"kd-{family}"
+        cfg = variant(work, run, run_name=run, models={"student": str(MODELS / family / "student"), "tiny": None})
+        generate_s = distill("generate", str(cfg))
+        if family == "cross":
+            distill("eval", str(cfg), "--model", "teacher")
+            rows.append({"variant": "teacher (its held-out answers)", **scores(manifest(run, "eval/teacher"))})
+        for objective in ("sft", "kd"):
+            setting = f"train.objective={objective}"
+            wall = distill("train", str(cfg), setting, "--overwrite")
+            wall += distill("merge", str(cfg), setting, "--overwrite")
+            distill("eval", str(cfg), setting, "--model", "merged", "--overwrite")
+            train = manifest(run, "train")
+            rows.append({
+                "variant": f"{objective.upper()} {'cross' if family == 'cross' else 'same'}-tokenizer",
+                "steps": train["steps"], "train_s": train["wall_s"], "train_merge_s": round(wall, 1),
+                "final_loss": train["final_loss"], "coverage": (train.get("kd") or {}).get("coverage"),
+                **scores(manifest(run, "eval/merged")),
+            })  # fmt: skip
+        rows[-1]["generate_s"] = rows[-2]["generate_s"] = round(generate_s, 1)
+        rows[-1]["bytes_per_token"] = manifest(run, "generate")["logprobs"]["bytes_per_token"]
+    table = markdown(rows, teacher_s)
+    print(table)
+    (REPO / "runs/kd-results.md").write_text(table)
+    (REPO / "runs/kd-results.json").write_text(json.dumps({"teacher_s": teacher_s, "rows": rows}, indent=2))
+
+
+def scores(m: dict[str, Any]) -> dict[str, Any]:
+    grammar = m.get("constrained") or {}
+    return {
+        "validity": m["validity"], "quality": m["mean_quality"], "perplexity": m.get("perplexity"),
+        "split_match": m["agreement"].get("split_match"), "overlap": m["agreement"].get("exercise_overlap"),
+        "grammar_validity": grammar.get("validity"), "grammar_overlap": (grammar.get("agreement") or {}).get("exercise_overlap"),
+    }  # fmt: skip
+
+
+def markdown(rows: list[dict[str, Any]], teacher_s: float) -> str:
+    def num(value: Any, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    lines = [
+        f"Teacher trained on reference answers in {teacher_s / 60:.1f} min (generate + train + merge).",
+        "",
+        (
+            "| variant | steps | valid | quality | perplexity on teacher answers | split match | exercise overlap "
+            "| + grammar: valid, overlap | train + merge s | coverage (direct / mapped / ULD / none) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r.get("coverage")
+        cover = f"{c['share']:.0%} ({c['direct']} / {c['mapped']} / {c['uld']} / {c['none']})" if c else ""
+        lines.append(
+            f"| {r['variant']} | {r.get('steps', '')} | {num(r['validity'], '.0%')} | {num(r['quality'], '.3f')} "
+            f"| {num(r['perplexity'], '.3f')} | {num(r['split_match'], '.0%')} | {num(r['overlap'], '.0%')} "
+            f"| {num(r['grammar_validity'], '.0%')}, {num(r['grammar_overlap'], '.0%')} "
+            f"| {num(r.get('train_merge_s'), '.0f')} | {cover} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

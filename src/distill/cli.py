@@ -250,6 +250,9 @@ def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = F
             if stats.get("prompt_tokens"):
                 response_tokens = stats["response_tokens"]["mean"]
                 mean_tokens = stats["prompt_tokens"]["mean"] + response_tokens
+            if stats.get("logprobs"):  # the teacher's own token count, where its distribution was kept
+                kept = sum(n for split, n in stats["counts"].items() if split in ("train", "validation", "test"))
+                response_tokens = stats["logprobs"]["teacher_tokens"] / max(kept, 1)
         result = build_plan(cfg, mean_tokens, response_tokens)
         if as_json:
             console.print_json(json.dumps(result))

@@ -139,8 +139,8 @@ def build_plan(
     }
     g = cfg.generate
     if g.logprobs:
-        # every generated example keeps it, held-out ones included; response length in teacher tokens is taken
-        # as the student's (from generate statistics) or, before any data exists, as the sampling limit
+        # every generated example keeps it, held-out ones included; the answer length is the teacher's (or, from
+        # data generated without it, the student's) from generate statistics, or before any data the sampling limit
         per_token = distribution_bytes_per_token(g.logprobs)
         length = response_tokens or g.sampling.max_tokens
         stored = examples + g.validation_examples + g.test_examples

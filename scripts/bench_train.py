@@ -311,8 +311,13 @@ def run_measured(command: list[str], cap_mib: int) -> float:
     # set from here rather than in a preexec_fn, which may deadlock in a parent with threads (torch's)
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (cap, cap))
     assert proc.stderr is not None
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C or SIGTERM: no child trains on after the bench is gone
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     rss = usage.ru_maxrss / 1024
     if proc.returncode == -signal.SIGKILL or (proc.returncode != 0 and any(m in stderr for m in OUT_OF_MEMORY)):
@@ -394,6 +399,7 @@ def main() -> None:
         name, config, out = args.child
         CHILDREN[name](Path(config), Path(out))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     from distill.errors import DistillError
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,15 @@ def distill(*args: str) -> float:
     """Run one distill command; its wall time in seconds."""
     started = time.perf_counter()
     print("$ distill " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=REPO, check=True)
+    with subprocess.Popen([sys.executable, "-m", "distill.cli", *args], cwd=REPO) as proc:
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM: the command ends too, cleaning up as it does on SIGTERM
+            proc.terminate()
+            proc.wait()
+            raise
+    if code:
+        sys.exit(f"distill {' '.join(args)} failed (exit {code})")
     return time.perf_counter() - started
 
 
@@ -68,6 +77,7 @@ def main() -> None:
     parser.add_argument("--teacher-examples", type=int, default=768, help="reference answers the teacher learns")
     parser.add_argument("--teacher-epochs", type=float, default=3)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = REPO / "runs/kd-configs"
     work.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(CONFIG.read_text())

@@ -43,16 +43,24 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True, enable_thinking=False) for c in chats]
+    texts = [
+        tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True, enable_thinking=False) for c in chats
+    ]
     hf_tokens, start = 0, time.perf_counter()
     batch_size = 8
     for i in range(0, len(texts), batch_size):
         batch = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(
-                **batch, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=True, temperature=0.7,
-                top_p=0.8, top_k=20, pad_token_id=tok.pad_token_id,
-            )  # fmt: skip
+                **batch,
+                max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens,
+                do_sample=True,
+                temperature=0.7,
+                top_p=0.8,
+                top_k=20,
+                pad_token_id=tok.pad_token_id,
+            )
         hf_tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
     hf_s = time.perf_counter() - start
 

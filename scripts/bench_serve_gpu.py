@@ -95,8 +95,12 @@ class CardMemory:
         """0 without an NVIDIA GPU (a CPU smoke run of this script)."""
         if shutil.which("nvidia-smi") is None:
             return 0
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return int(out.split()[0]) * 2**20
 
     def loop(self) -> None:
@@ -133,11 +137,19 @@ def main() -> None:
     from distill.tasks import load_task
 
     levels = "[" + ",".join(map(str, args.levels)) + "]"
-    cfg = load_config(REPO / "configs/paper.yaml", [
-        f"serve.llama_server={args.llama_server}", f"serve.v_gpu_mb={args.budget_mib}", f"serve.concurrency={levels}",
-        f"serve.requests={args.requests}", f"serve.max_tokens={args.max_tokens}", f"serve.slo_ms={args.slo_ms}",
-        "serve.ready_timeout_s=300", "serve.request_timeout_s=300",
-    ])  # fmt: skip
+    cfg = load_config(
+        REPO / "configs/paper.yaml",
+        [
+            f"serve.llama_server={args.llama_server}",
+            f"serve.v_gpu_mb={args.budget_mib}",
+            f"serve.concurrency={levels}",
+            f"serve.requests={args.requests}",
+            f"serve.max_tokens={args.max_tokens}",
+            f"serve.slo_ms={args.slo_ms}",
+            "serve.ready_timeout_s=300",
+            "serve.request_timeout_s=300",
+        ],
+    )
     task = load_task(cfg)
     requests = []
     for i in range(max(args.requests, *args.levels)):
@@ -145,8 +157,12 @@ def main() -> None:
         requests.append({"prompt": example.prompt, "payload": example.payload})
     card = "cpu (no nvidia-smi)"
     if shutil.which("nvidia-smi"):
-        card = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        card = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     print(f"card: {card}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -166,31 +182,48 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             with CardMemory() as memory:
-                fleet = measure_fleet(cfg, gguf, task=LatencyOnly(), requests=requests, log_dir=work, name=name,
-                                      count=count, slots=each, threads=threads, planned_each=planned,
-                                      v_gpu=plan["v_gpu_bytes"])  # type: ignore[arg-type]  # fmt: skip
+                fleet = measure_fleet(
+                    cfg,
+                    gguf,
+                    task=LatencyOnly(),
+                    requests=requests,
+                    log_dir=work,
+                    name=name,
+                    count=count,
+                    slots=each,
+                    threads=threads,
+                    planned_each=planned,
+                    v_gpu=plan["v_gpu_bytes"],
+                )  # type: ignore[arg-type]
             fleet["card_peak_above_idle_bytes"] = memory.peak - memory.baseline
             fleet["wall_s"] = round(time.perf_counter() - start, 1)
             fleets[name] = fleet
             card_mib, planned_mib = fleet["card_peak_above_idle_bytes"] / 2**20, count * planned / 2**20
-            print(f"\n{name}: {count} x {each} slot(s), card memory {card_mib:,.0f} MiB above idle (planned "
-                  f"{planned_mib:,.0f} MiB, budget {plan['v_gpu_bytes'] / 2**20:,.0f}), capacity {fleet['capacity']} "
-                  f"users, {fleet['wall_s']} s", flush=True)  # fmt: skip
+            print(
+                f"\n{name}: {count} x {each} slot(s), card memory {card_mib:,.0f} MiB above idle (planned "
+                f"{planned_mib:,.0f} MiB, budget {plan['v_gpu_bytes'] / 2**20:,.0f}), capacity {fleet['capacity']} "
+                f"users, {fleet['wall_s']} s",
+                flush=True,
+            )
             for lv in fleet["levels"]:
                 e2e = lv["e2e_ms"]
-                print(f"  users {lv['concurrency']:>3}: {lv['requests_per_s']:>7} req/s {lv['output_tokens_per_s']:>8} "
-                      f"tok/s TTFT p50 {lv['ttft_ms']['p50']:>8} TPOT p50 {lv['tpot_ms']['p50']:>6} e2e p50/p95/p99 "
-                      f"{e2e['p50']}/{e2e['p95']}/{e2e['p99']} ms, within SLO {lv['within_slo_share']:.0%}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"  users {lv['concurrency']:>3}: {lv['requests_per_s']:>7} req/s {lv['output_tokens_per_s']:>8} "
+                    f"tok/s TTFT p50 {lv['ttft_ms']['p50']:>8} TPOT p50 {lv['tpot_ms']['p50']:>6} e2e p50/p95/p99 "
+                    f"{e2e['p50']}/{e2e['p95']}/{e2e['p99']} ms, within SLO {lv['within_slo_share']:.0%}",
+                    flush=True,
+                )
     if len(fleets) == 2:
         p, s = fleets["processes"], fleets["slots"]
 
         def best(f: dict[str, Any]) -> float:
             return max(lv["requests_per_s"] for lv in f["levels"])
 
-        print(f"\none server with {slots} slots / paper's {processes} processes: capacity "
-              f"{s['capacity']} / {p['capacity']} users, best req/s {best(s) / best(p):.2f}x, card memory "
-              f"{s['card_peak_above_idle_bytes'] / max(1, p['card_peak_above_idle_bytes']):.2f}x")  # fmt: skip
+        print(
+            f"\none server with {slots} slots / paper's {processes} processes: capacity "
+            f"{s['capacity']} / {p['capacity']} users, best req/s {best(s) / best(p):.2f}x, card memory "
+            f"{s['card_peak_above_idle_bytes'] / max(1, p['card_peak_above_idle_bytes']):.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps({"card": card, "plan": plan, "fleets": fleets}, indent=1))
 

@@ -101,8 +101,9 @@ def build_models(work: Path, layers: int, teacher: bool) -> tuple[Path, Path]:
     return student, save("teacher", 1) if teacher else student
 
 
-def write_run(work: Path, name: str, teacher: Path, student: Path, args: argparse.Namespace,
-              top_k: int = 0) -> tuple[Path, float]:  # fmt: skip
+def write_run(
+    work: Path, name: str, teacher: Path, student: Path, args: argparse.Namespace, top_k: int = 0
+) -> tuple[Path, float]:
     """A config for `distill train` plus a finished generate stage holding the examples. With `top_k`, a KD
     config whose examples also carry the teacher's top-k; the seconds the teacher took come back with it."""
     from datasets import Dataset, DatasetDict
@@ -183,21 +184,40 @@ def train_rows(cfg: Any) -> Any:
 def trainer_args(cfg: Any, output_dir: Path) -> dict[str, Any]:
     """TrainingArguments every Trainer-based variant shares: our optimizer and schedule, CPU, a log entry per step."""
     t = cfg.train
-    return dict(
-        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, warmup_steps=t.warmup_steps,
-        lr_scheduler_type="linear", num_train_epochs=t.epochs, weight_decay=t.weight_decay, optim=t.optim,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="non_padding", logging_steps=1, save_strategy="no", seed=cfg.seed,
-        data_seed=cfg.seed, report_to=[], dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "learning_rate": t.lr,
+        "warmup_steps": t.warmup_steps,
+        "lr_scheduler_type": "linear",
+        "num_train_epochs": t.epochs,
+        "weight_decay": t.weight_decay,
+        "optim": t.optim,
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "include_num_input_tokens_seen": "non_padding",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
 
 
 def lora_config(t: Any) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                      target_modules=t.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    return LoraConfig(
+        r=t.lora.r,
+        lora_alpha=t.lora.alpha,
+        lora_dropout=t.lora.dropout,
+        target_modules=t.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def train_and_record(trainer: Any, samples: float, out: Path) -> None:
@@ -205,8 +225,13 @@ def train_and_record(trainer: Any, samples: float, out: Path) -> None:
     trainer.train()
     wall = time.perf_counter() - started
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    result = {"tokens": trainer.state.num_input_tokens_seen, "wall_s": wall, "steps": trainer.state.global_step,
-              "samples": samples, "losses": losses}  # fmt: skip
+    result = {
+        "tokens": trainer.state.num_input_tokens_seen,
+        "wall_s": wall,
+        "steps": trainer.state.global_step,
+        "samples": samples,
+        "losses": losses,
+    }
     out.write_text(json.dumps(result))
 
 
@@ -245,16 +270,22 @@ def trl_sft(config: Path, out: Path) -> None:
     cfg = load_config(config)
     rows = train_rows(cfg)
     data = rows.map(
-        lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
-                   "completion": [{"role": "assistant", "content": r["response"]}]},
+        lambda r: {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": [{"role": "assistant", "content": r["response"]}],
+        },
         remove_columns=rows.column_names,
-    )  # fmt: skip
+    )
     # SFTConfig defaults to bf16, kept off here like every other variant on this CPU; its default max_length
     # of 1,024 would cut these examples, which run to ~1,700 tokens
     args = SFTConfig(**trainer_args(cfg, out.parent / "trl-sft-ckpt"), bf16=False, max_length=cfg.train.max_length)
-    trainer = SFTTrainer(model=str(cfg.models.student), args=args, train_dataset=data,
-                         processing_class=AutoTokenizer.from_pretrained(cfg.models.student),
-                         peft_config=lora_config(cfg.train))  # fmt: skip
+    trainer = SFTTrainer(
+        model=str(cfg.models.student),
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(cfg.models.student),
+        peft_config=lora_config(cfg.train),
+    )
     train_and_record(trainer, len(trainer.train_dataset) * cfg.train.epochs, out)
 
 
@@ -269,17 +300,29 @@ def trl_kd(config: Path, out: Path) -> None:
     rows = train_rows(cfg)
     # GKD's collator reads whole conversations from "messages"; a "prompt" column would be taken as rendered text
     data = rows.map(
-        lambda r: {"messages": [{"role": "user", "content": r["prompt"]},
-                                {"role": "assistant", "content": r["response"]}]},
+        lambda r: {
+            "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+        },
         remove_columns=rows.column_names,
-    )  # fmt: skip
+    )
     # lmbda=0: no student generation, offline KD on fixed data; GKD's collator keeps the last max_length tokens,
     # so its default 1,024 would cut the prompts
-    args = GKDConfig(**trainer_args(cfg, out.parent / "trl-kd-ckpt"), bf16=False, max_length=cfg.train.max_length,
-                     lmbda=0.0, beta=KD["beta"], temperature=KD["temperature"])  # fmt: skip
-    trainer = GKDTrainer(model=str(cfg.models.student), teacher_model=str(cfg.models.teacher), args=args,
-                         train_dataset=data, processing_class=AutoTokenizer.from_pretrained(cfg.models.student),
-                         peft_config=lora_config(cfg.train))  # fmt: skip
+    args = GKDConfig(
+        **trainer_args(cfg, out.parent / "trl-kd-ckpt"),
+        bf16=False,
+        max_length=cfg.train.max_length,
+        lmbda=0.0,
+        beta=KD["beta"],
+        temperature=KD["temperature"],
+    )
+    trainer = GKDTrainer(
+        model=str(cfg.models.student),
+        teacher_model=str(cfg.models.teacher),
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(cfg.models.student),
+        peft_config=lora_config(cfg.train),
+    )
     train_and_record(trainer, len(data) * cfg.train.epochs, out)
 
 
@@ -293,8 +336,13 @@ def ours(config: Path) -> dict:
     folder = stage_dir(load_config(config), "train")
     metrics = read_manifest(folder)["metrics"]
     losses = [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
-    return {"tokens": metrics["train_tokens"], "wall_s": metrics["wall_s"], "steps": metrics["steps"],
-            "samples": metrics["examples"], "losses": losses}  # fmt: skip
+    return {
+        "tokens": metrics["train_tokens"],
+        "wall_s": metrics["wall_s"],
+        "steps": metrics["steps"],
+        "samples": metrics["examples"],
+        "losses": losses,
+    }
 
 
 class OutOfMemory(Exception):
@@ -371,12 +419,16 @@ def equal_loss_check(config: Path) -> tuple[float, float]:
 def compare(results: dict[str, dict], mine: str, other: str, targets: tuple[str, str] = ("", "")) -> None:
     a, b = results[other], results[mine]
     if a.get("out_of_memory") or b.get("out_of_memory"):
-        fits = {n: f"{r['peak_rss_mb']:.0f} MiB" + (" (out of memory)" if r.get("out_of_memory") else "")
-                for n, r in ((mine, b), (other, a))}  # fmt: skip
+        fits = {
+            n: f"{r['peak_rss_mb']:.0f} MiB" + (" (out of memory)" if r.get("out_of_memory") else "")
+            for n, r in ((mine, b), (other, a))
+        }
         print(f"{mine} / {other}: no ratio; peak RSS {mine} {fits[mine]}, {other} {fits[other]}")
         return
-    print(f"{mine} / {other}: tokens/s {b['tokens_per_s'] / a['tokens_per_s']:.2f}x{targets[0]}, "
-          f"peak memory {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x{targets[1]}")  # fmt: skip
+    print(
+        f"{mine} / {other}: tokens/s {b['tokens_per_s'] / a['tokens_per_s']:.2f}x{targets[0]}, "
+        f"peak memory {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x{targets[1]}"
+    )
 
 
 def main() -> None:
@@ -387,11 +439,19 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, alternating; the best counts")
     parser.add_argument("--catalog-mode", choices=["available", "full", "allowed"], default="available")
-    parser.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
-                        help="also distil a teacher: TRL's GKD (trl-kd) against train.objective=kd (ours-kd)")
-    parser.add_argument("--memory-cap-mib", type=int, default=available_mib(),
-                        help="each child's address-space limit; a variant that needs more is reported out of memory "
-                        "(default: the memory available at start)")
+    parser.add_argument(
+        "--kd",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also distil a teacher: TRL's GKD (trl-kd) against train.objective=kd (ours-kd)",
+    )
+    parser.add_argument(
+        "--memory-cap-mib",
+        type=int,
+        default=available_mib(),
+        help="each child's address-space limit; a variant that needs more is reported out of memory "
+        "(default: the memory available at start)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp folder)")
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -408,10 +468,12 @@ def main() -> None:
     student, teacher = build_models(work, args.layers, args.kd)
     config, _ = write_run(work, "bench", student, student, args)
     variants = {"baseline": config, "ours": config, "trl-sft": config}
-    print(f"model: Gemma 3, vocab 262,144, hidden 640, {args.layers} layers, random weights, fp32 CPU; "
-          f"LoRA r=128 on q,k,v,o,gate,up,down; 8-bit AdamW; gradient checkpointing; "
-          f"{args.examples} examples, batch {args.batch_size} x grad-accum {args.grad_accum}, 1 epoch",
-          flush=True)  # fmt: skip
+    print(
+        f"model: Gemma 3, vocab 262,144, hidden 640, {args.layers} layers, random weights, fp32 CPU; "
+        f"LoRA r=128 on q,k,v,o,gate,up,down; 8-bit AdamW; gradient checkpointing; "
+        f"{args.examples} examples, batch {args.batch_size} x grad-accum {args.grad_accum}, 1 epoch",
+        flush=True,
+    )
     teacher_s = 0.0
     if args.kd:
         try:
@@ -419,9 +481,12 @@ def main() -> None:
         except DistillError as exc:
             sys.exit(f"{exc}\n(--no-kd runs the variants that need no KD objective)")
         variants |= {"trl-kd": kd_config, "ours-kd": kd_config}
-        print(f"teacher: the same shape, seed 1; its top-{TOP_K} over {args.examples} examples (batch 1, no_grad): "
-              f"{teacher_s:.1f} s, paid once at generation time and outside ours-kd's figures, where trl-kd "
-              "runs the teacher's forward inside every training step", flush=True)  # fmt: skip
+        print(
+            f"teacher: the same shape, seed 1; its top-{TOP_K} over {args.examples} examples (batch 1, no_grad): "
+            f"{teacher_s:.1f} s, paid once at generation time and outside ours-kd's figures, where trl-kd "
+            "runs the teacher's forward inside every training step",
+            flush=True,
+        )
 
     # Alternate the variants and keep each one's best run: the cores are shared, and a neighbour's load
     # would otherwise land on whichever variant happened to run at the time.
@@ -432,37 +497,50 @@ def main() -> None:
                 continue  # memory does not depend on a neighbour's load: it would run out again
             r = measure(name, variant_config, work, args.memory_cap_mib)
             if r.get("out_of_memory"):
-                print(f"  {name}: out of memory under the {args.memory_cap_mib} MiB cap, at peak RSS "
-                      f"{r['peak_rss_mb']:.0f} MiB", flush=True)  # fmt: skip
+                print(
+                    f"  {name}: out of memory under the {args.memory_cap_mib} MiB cap, at peak RSS "
+                    f"{r['peak_rss_mb']:.0f} MiB",
+                    flush=True,
+                )
                 results[name] = r
                 continue
             print(f"  {name}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
             if name not in results or r["wall_s"] < results[name]["wall_s"]:
                 results[name] = r
 
-    print(f"{'variant':10} {'tokens':>8} {'steps':>5} {'train s':>8} {'tokens/s':>9} {'samples/s':>9} "
-          f"{'peak RSS MiB':>12} {'mean loss':>9}")  # fmt: skip
+    print(
+        f"{'variant':10} {'tokens':>8} {'steps':>5} {'train s':>8} {'tokens/s':>9} {'samples/s':>9} "
+        f"{'peak RSS MiB':>12} {'mean loss':>9}"
+    )
     for name, r in results.items():
         if r.get("out_of_memory"):
-            print(f"{name:10} out of memory ({args.memory_cap_mib} MiB address-space cap; peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MiB when it failed)")  # fmt: skip
+            print(
+                f"{name:10} out of memory ({args.memory_cap_mib} MiB address-space cap; peak RSS "
+                f"{r['peak_rss_mb']:.0f} MiB when it failed)"
+            )
             continue
         r["tokens_per_s"] = r["tokens"] / r["wall_s"]
         r["samples_per_s"] = r["samples"] / r["wall_s"]
         r["mean_loss"] = sum(r["losses"]) / len(r["losses"])
-        print(f"{name:10} {r['tokens']:>8} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['samples_per_s']:>9.3f} {r['peak_rss_mb']:>12.0f} {r['mean_loss']:>9.4f}")  # fmt: skip
+        print(
+            f"{name:10} {r['tokens']:>8} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
+            f"{r['samples_per_s']:>9.3f} {r['peak_rss_mb']:>12.0f} {r['mean_loss']:>9.4f}"
+        )
     compare(results, "ours", "baseline", (" (target >= 2)", " (target <= 0.5)"))
     compare(results, "ours", "trl-sft")
     if args.kd:
         compare(results, "ours-kd", "trl-kd")
     if args.kd and not any(results[n].get("out_of_memory") for n in ("ours-kd", "trl-kd")):
         kd, trl = results["ours-kd"], results["trl-kd"]
-        print(f"ours-kd / trl-kd tokens/s with the teacher's top-{TOP_K} pass added to ours-kd's time: "
-              f"{kd['tokens'] / (kd['wall_s'] + teacher_s) / trl['tokens_per_s']:.2f}x")  # fmt: skip
+        print(
+            f"ours-kd / trl-kd tokens/s with the teacher's top-{TOP_K} pass added to ours-kd's time: "
+            f"{kd['tokens'] / (kd['wall_s'] + teacher_s) / trl['tokens_per_s']:.2f}x"
+        )
     full, chunked = equal_loss_check(config)
-    print(f"same batch, untrained model: full-logits loss {full:.6f}, chunked response loss {chunked:.6f}, "
-          f"|diff| {abs(full - chunked):.2e}")  # fmt: skip
+    print(
+        f"same batch, untrained model: full-logits loss {full:.6f}, chunked response loss {chunked:.6f}, "
+        f"|diff| {abs(full - chunked):.2e}"
+    )
     (work / "results.json").write_text(json.dumps({"teacher_top_k_s": teacher_s, **results}, indent=2))
     print(f"details: {work / 'results.json'}")
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -53,8 +52,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ARCH = REPO / "configs/arch/gemma-3-270m-it.json"
 PAD, EOS, BOS, UNK, START, END = 0, 1, 2, 3, 105, 106  # Gemma 3's ids for these tokens
-SPECIAL = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", UNK: "<unk>", START: "<start_of_turn>", END: "<end_of_turn>",
-           4: "user", 5: "model"}  # fmt: skip
+SPECIAL = {
+    PAD: "<pad>",
+    EOS: "<eos>",
+    BOS: "<bos>",
+    UNK: "<unk>",
+    START: "<start_of_turn>",
+    END: "<end_of_turn>",
+    4: "user",
+    5: "model",
+}
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn> {{ 'model' if m['role'] == 'assistant' else 'user' }} "
     "{{ m['content'] }} <end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn> model {% endif %}"
@@ -100,8 +107,10 @@ def make_rows(n: int, prompt_len: tuple[int, int], response_len: tuple[int, int]
                 ids.append(i)
         return " ".join(f"t{i}" for i in ids)
 
-    return [{"id": f"b{i}", "prompt": words(rng.randint(*prompt_len)), "response": words(rng.randint(*response_len))}
-            for i in range(n)]  # fmt: skip
+    return [
+        {"id": f"b{i}", "prompt": words(rng.randint(*prompt_len)), "response": words(rng.randint(*response_len))}
+        for i in range(n)
+    ]
 
 
 def encode_rows(work: Path, max_length: int) -> list[dict]:
@@ -122,12 +131,25 @@ def encode_rows(work: Path, max_length: int) -> list[dict]:
 
 def run_child(variant: str, work: Path, args: argparse.Namespace) -> dict:
     out = work / f"result-{variant}.json"
-    command = [sys.executable, __file__, "--child", variant, "--workdir", str(work), "--device", args.device,
-               "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
-               "--loss-chunk-size", str(args.loss_chunk_size)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--workdir",
+        str(work),
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--loss-chunk-size",
+        str(args.loss_chunk_size),
+    ]
     print(f"--- {variant}: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO)
+    proc = subprocess.run(command, cwd=REPO, check=False)
     if proc.returncode != 0 or not out.is_file():
         return {"variant": variant, "error": f"child exited {proc.returncode}"}
     result = json.loads(out.read_text())
@@ -137,8 +159,10 @@ def run_child(variant: str, work: Path, args: argparse.Namespace) -> dict:
 
 def print_table(results: list[dict], args: argparse.Namespace) -> list[str]:
     lines = [
-        f"{'variant':10} {'steps':>5} {'samples/s':>9} {'tokens/s':>9} {'s/step':>7} {'med s/step':>10} "
-        f"{'peak alloc GiB':>14} {'peak resv GiB':>13} {'mean loss':>9} {'pad %':>6}"
+        (
+            f"{'variant':10} {'steps':>5} {'samples/s':>9} {'tokens/s':>9} {'s/step':>7} {'med s/step':>10} "
+            f"{'peak alloc GiB':>14} {'peak resv GiB':>13} {'mean loss':>9} {'pad %':>6}"
+        )
     ]
     for r in results:
         if "error" in r:
@@ -231,12 +255,12 @@ def step_timer(args: argparse.Namespace, cuda: bool):
         def __init__(self) -> None:
             self.marks: list[tuple[int, float, int]] = []
 
-        def on_train_begin(self, a, state, control, **kw):  # noqa: ANN001, ANN003
+        def on_train_begin(self, a, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
             self.marks.append((0, time.perf_counter(), state.num_input_tokens_seen))
 
-        def on_step_end(self, a, state, control, **kw):  # noqa: ANN001, ANN003
+        def on_step_end(self, a, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
             self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen))
@@ -246,7 +270,7 @@ def step_timer(args: argparse.Namespace, cuda: bool):
     return StepTimer()
 
 
-def summarise(variant: str, trainer, train_output, timer, args, extra: dict, padded_tokens: int) -> dict:  # noqa: ANN001
+def summarise(variant: str, trainer, train_output, timer, args, extra: dict, padded_tokens: int) -> dict:
     import statistics
 
     import torch
@@ -273,7 +297,9 @@ def summarise(variant: str, trainer, train_output, timer, args, extra: dict, pad
         "pad_pct": 100 * (1 - trainer.state.num_input_tokens_seen / padded_tokens) if padded_tokens else float("nan"),
         "mean_loss": train_output.training_loss,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "optimizer": "{0.__module__}.{0.__name__}".format(type(getattr(trainer.optimizer, "optimizer", trainer.optimizer))),
+        "optimizer": "{0.__module__}.{0.__name__}".format(
+            type(getattr(trainer.optimizer, "optimizer", trainer.optimizer))
+        ),
         **extra,
     }
     if torch.cuda.is_available():
@@ -306,10 +332,10 @@ def versions() -> dict:
 class PadCounter:
     """Wraps a collator and adds up the padded (input) tokens it emits, for the padding share."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001
+    def __init__(self, inner) -> None:
         self.inner, self.tokens = inner, 0
 
-    def __call__(self, rows):  # noqa: ANN001, ANN204
+    def __call__(self, rows):
         batch = self.inner(rows)
         self.tokens += batch["input_ids"].numel()
         return batch
@@ -332,18 +358,24 @@ def child(args: argparse.Namespace) -> None:
 def child_ours(args: argparse.Namespace, work: Path, cuda: bool) -> dict:
     from transformers import Trainer, set_seed
 
+    import distill.stages.train as train_stage
     from distill.config import PipelineConfig
     from distill.loss import attach_response_loss
     from distill.sft_data import Collator
 
-    import distill.stages.train as train_stage
     student = str(work / "student")
     steps = args.steps + args.warmup_steps
     cfg = PipelineConfig(
-        run_name="bench", run_dir=work / "runs", seed=0,
+        run_name="bench",
+        run_dir=work / "runs",
+        seed=0,
         models={"teacher": student, "student": student},
-        train={"backend": "transformers", "precision": "auto" if cuda else "fp32", "loss_chunk_size": args.loss_chunk_size},
-    )  # fmt: skip
+        train={
+            "backend": "transformers",
+            "precision": "auto" if cuda else "fp32",
+            "loss_chunk_size": args.loss_chunk_size,
+        },
+    )
     t = cfg.train
     backend = "transformers"
     bf16 = train_stage.use_bf16(cfg)
@@ -364,19 +396,23 @@ def child_ours(args: argparse.Namespace, work: Path, cuda: bool) -> dict:
     training_args = train_stage.training_args(cfg, backend, bf16, work / "ckpt-ours")
     if t.optim == "adamw_8bit":
         train_stage._forget_earlier_optimizer_overrides()
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[*callbacks, timer])  # fmt: skip
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator, callbacks=[*callbacks, timer]
+    )
     if cuda:
         torch_mem = __import__("torch").cuda.memory_allocated() / 2**30
     else:
         torch_mem = 0.0
     out = trainer.train()
     extra = {
-        "bf16": bf16, "weights_dtype": str(next(train_stage.causal_lm_of(model).parameters()).dtype),
-        "gib_before_train": torch_mem, "truncated": truncated,
+        "bf16": bf16,
+        "weights_dtype": str(next(train_stage.causal_lm_of(model).parameters()).dtype),
+        "gib_before_train": torch_mem,
+        "truncated": truncated,
         "group_by_length": training_args.train_sampling_strategy,
-        "grad_ckpt": training_args.gradient_checkpointing, "loss_chunk_size": t.loss_chunk_size,
-    }  # fmt: skip
+        "grad_ckpt": training_args.gradient_checkpointing,
+        "loss_chunk_size": t.loss_chunk_size,
+    }
     return summarise("ours", trainer, out, timer, args, extra, collator.tokens)
 
 
@@ -393,10 +429,12 @@ def child_trl(args: argparse.Namespace, work: Path, cuda: bool, bf16_weights: bo
     variant = "trl-bf16w" if bf16_weights else "trl"
     student = str(work / "student")
     encoded = json.loads((work / "encoded.json").read_text())
-    data = Dataset.from_dict({
-        "input_ids": [e["input_ids"] for e in encoded],
-        "completion_mask": [[int(x != -100) for x in e["labels"]] for e in encoded],
-    })  # fmt: skip
+    data = Dataset.from_dict(
+        {
+            "input_ids": [e["input_ids"] for e in encoded],
+            "completion_mask": [[int(x != -100) for x in e["labels"]] for e in encoded],
+        }
+    )
     tokenizer = AutoTokenizer.from_pretrained(student)
     config = SFTConfig(
         output_dir=str(work / f"ckpt-{variant}"),
@@ -413,11 +451,18 @@ def child_trl(args: argparse.Namespace, work: Path, cuda: bool, bf16_weights: bo
         **({"model_init_kwargs": {"dtype": "bfloat16"}} if bf16_weights else {}),
         **({} if cuda else {"use_cpu": True}),
     )
-    lora = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                      target_modules=t.lora.target_modules, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=t.lora.r,
+        lora_alpha=t.lora.alpha,
+        lora_dropout=t.lora.dropout,
+        target_modules=t.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     timer = step_timer(args, cuda)
-    trainer = SFTTrainer(model=student, args=config, train_dataset=data, processing_class=tokenizer,
-                         peft_config=lora, callbacks=[timer])  # fmt: skip
+    trainer = SFTTrainer(
+        model=student, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[timer]
+    )
     # the trained positions must be the ones ours trains
     assert trainer.train_dataset["labels"] == [e["labels"] for e in encoded], "TRL's labels differ from distill's"
     collator = PadCounter(trainer.data_collator)
@@ -426,11 +471,16 @@ def child_trl(args: argparse.Namespace, work: Path, cuda: bool, bf16_weights: bo
     out = trainer.train()
     weights = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     extra = {
-        "bf16": config.bf16, "weights_dtype": str(next(weights.parameters()).dtype), "gib_before_train": gib,
-        "group_by_length": config.train_sampling_strategy, "grad_ckpt": config.gradient_checkpointing,
-        "grad_ckpt_kwargs": config.gradient_checkpointing_kwargs, "loss_type": config.loss_type,
-        "padding_free": config.padding_free, "packing": config.packing,
-    }  # fmt: skip
+        "bf16": config.bf16,
+        "weights_dtype": str(next(weights.parameters()).dtype),
+        "gib_before_train": gib,
+        "group_by_length": config.train_sampling_strategy,
+        "grad_ckpt": config.gradient_checkpointing,
+        "grad_ckpt_kwargs": config.gradient_checkpointing_kwargs,
+        "loss_type": config.loss_type,
+        "padding_free": config.padding_free,
+        "packing": config.packing,
+    }
     return summarise(variant, trainer, out, timer, args, extra, collator.tokens)
 
 

@@ -105,12 +105,19 @@ def main() -> None:
 
     # 2. the teacher learns the task from the reference answers
     teacher_cfg = variant(
-        work, "teacher", run_name="kd-teacher",
+        work,
+        "teacher",
+        run_name="kd-teacher",
         models={"teacher": str(MODELS / "cross/teacher"), "student": str(MODELS / "trainee/student"), "tiny": None},
-        generate={"backend": "reference", "grammar": False, "logprobs": 0, "num_examples": args.teacher_examples,
-                  "batch_size": 64},
+        generate={
+            "backend": "reference",
+            "grammar": False,
+            "logprobs": 0,
+            "num_examples": args.teacher_examples,
+            "batch_size": 64,
+        },
         train={"epochs": args.teacher_epochs},
-    )  # fmt: skip
+    )
     teacher_s = distill("run", str(teacher_cfg), "--until", "merge")
 
     # 3. per student family: the teacher's data with its distribution, then SFT and KD at the same steps
@@ -128,12 +135,17 @@ def main() -> None:
             wall += distill("merge", str(cfg), setting, "--overwrite")
             distill("eval", str(cfg), setting, "--model", "merged", "--overwrite")
             train = manifest(run, "train")
-            rows.append({
-                "variant": f"{objective.upper()} {'cross' if family == 'cross' else 'same'}-tokenizer",
-                "steps": train["steps"], "train_s": train["wall_s"], "train_merge_s": round(wall, 1),
-                "final_loss": train["final_loss"], "coverage": (train.get("kd") or {}).get("coverage"),
-                **scores(manifest(run, "eval/merged")),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "variant": f"{objective.upper()} {'cross' if family == 'cross' else 'same'}-tokenizer",
+                    "steps": train["steps"],
+                    "train_s": train["wall_s"],
+                    "train_merge_s": round(wall, 1),
+                    "final_loss": train["final_loss"],
+                    "coverage": (train.get("kd") or {}).get("coverage"),
+                    **scores(manifest(run, "eval/merged")),
+                }
+            )
         rows[-1]["generate_s"] = rows[-2]["generate_s"] = round(generate_s, 1)
         rows[-1]["bytes_per_token"] = manifest(run, "generate")["logprobs"]["bytes_per_token"]
     table = markdown(rows, teacher_s)
@@ -145,10 +157,14 @@ def main() -> None:
 def scores(m: dict[str, Any]) -> dict[str, Any]:
     grammar = m.get("constrained") or {}
     return {
-        "validity": m["validity"], "quality": m["mean_quality"], "perplexity": m.get("perplexity"),
-        "split_match": m["agreement"].get("split_match"), "overlap": m["agreement"].get("exercise_overlap"),
-        "grammar_validity": grammar.get("validity"), "grammar_overlap": (grammar.get("agreement") or {}).get("exercise_overlap"),
-    }  # fmt: skip
+        "validity": m["validity"],
+        "quality": m["mean_quality"],
+        "perplexity": m.get("perplexity"),
+        "split_match": m["agreement"].get("split_match"),
+        "overlap": m["agreement"].get("exercise_overlap"),
+        "grammar_validity": grammar.get("validity"),
+        "grammar_overlap": (grammar.get("agreement") or {}).get("exercise_overlap"),
+    }
 
 
 def markdown(rows: list[dict[str, Any]], teacher_s: float) -> str:

@@ -29,7 +29,11 @@ COMPONENTS = {
     "lavatory smoke detector": (26, ["lav smoke detector", "lavatory smoke detector"], "SMOKE LAV DET FAULT"),
     "aileron": (27, ["L aileron", "aileron", "R aileron"], "F/CTL AIL SERVO FAULT"),
     "flap": (27, ["flaps", "flap", "flap asymmetry"], "F/CTL FLAPS FAULT"),
-    "fuel quantity indicator": (28, ["FQI", "fuel qty indication", "fuel quantity indicator"], "FUEL F USED/FOB DISAGREE"),
+    "fuel quantity indicator": (
+        28,
+        ["FQI", "fuel qty indication", "fuel quantity indicator"],
+        "FUEL F USED/FOB DISAGREE",
+    ),
     "hydraulic pump": (29, ["green hyd pump", "hyd pump", "yellow elec pump"], "HYD G ENG 1 PUMP LO PR"),
     "windshield heat": (30, ["windshield heat", "WSHLD heat", "window heat"], "ANTI ICE L WSHLD"),
     "landing gear": (32, ["L/G", "landing gear", "nose gear"], "L/G SHOCK ABSORBER FAULT"),
@@ -58,10 +62,22 @@ PHASES = {
 }
 ACTIONS = {
     "replaced": ["{c} replaced, ops check good", "Replaced {c}. Ops test satisfactory.", "{c} changed, tested ok"],
-    "repaired": ["{c} repaired IAW AMM, ops check good", "Rectified: {c} rewired and secured.", "{c} fixed, leak check ok"],
+    "repaired": [
+        "{c} repaired IAW AMM, ops check good",
+        "Rectified: {c} rewired and secured.",
+        "{c} fixed, leak check ok",
+    ],
     "reset": ["{c} reset IAW TSM, fault cleared", "CB reset, {c} recovered", "Reset carried out, {c} normal"],
-    "inspected_no_fault": ["{c} inspected, no fault found", "Checked {c} IAW AMM, NFF", "Insp of {c} carried out, nil defects"],
-    "deferred": ["{c} deferred IAW MEL {mel}", "Deferred under MEL item {mel}, {c} placarded INOP", "MEL {mel} applied, {c} INOP"],
+    "inspected_no_fault": [
+        "{c} inspected, no fault found",
+        "Checked {c} IAW AMM, NFF",
+        "Insp of {c} carried out, nil defects",
+    ],
+    "deferred": [
+        "{c} deferred IAW MEL {mel}",
+        "Deferred under MEL item {mel}, {c} placarded INOP",
+        "MEL {mel} applied, {c} INOP",
+    ],
 }
 # nationality prefix -> letters after it, as the registers write them (D-AIBC, EI-FMV, G-EZTH, N123AB, B-1234)
 PREFIXES = {"D-A": 3, "EI-": 3, "G-": 4, "OE-L": 2, "PH-": 3, "SE-R": 2, "VH-": 3, "9H-": 3, "N": 0, "B-": 0}
@@ -85,7 +101,11 @@ def entry(rng: random.Random, aircraft: str) -> tuple[str, dict]:
     name = rng.choice(names)
     mel = f"{ata:02d}-{rng.randint(10, 99):02d}-{rng.randint(1, 9):02d}" if action == "deferred" else None
     reporter = rng.choice(["Crew reported", "Capt reports", "F/O noted", "CC reported", "Eng found"])
-    symptom = f"{message} msg" if message and rng.random() < 0.6 else rng.choice(["INOP", "u/s", "intermittent", "not working"])
+    symptom = (
+        f"{message} msg"
+        if message and rng.random() < 0.6
+        else rng.choice(["INOP", "u/s", "intermittent", "not working"])
+    )
     defect = f"{reporter} {name} {symptom} {rng.choice(PHASES[phase])}."
     if rng.random() < 0.3:
         defect = f"{rng.choice(PHASES[phase]).capitalize()}, {reporter.lower()} {name} {symptom}."
@@ -93,9 +113,14 @@ def entry(rng: random.Random, aircraft: str) -> tuple[str, dict]:
     where = rng.choice([f"A/C {aircraft}", f"{aircraft}", f"Reg {aircraft}"])
     text = rng.choice([f"{where}: {defect} {fix}", f"{defect} {fix} ({where})", f"{where}. {defect} Action: {fix}"])
     record = {
-        "aircraft": aircraft, "phase": phase, "ata_chapter": ata, "component": component, "action": action,
-        "deferred": action == "deferred", "mel_item": mel,
-    }  # fmt: skip
+        "aircraft": aircraft,
+        "phase": phase,
+        "ata_chapter": ata,
+        "component": component,
+        "action": action,
+        "deferred": action == "deferred",
+        "mel_item": mel,
+    }
     return text, record
 
 

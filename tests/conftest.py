@@ -15,9 +15,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [*CLI, *args],
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -31,8 +36,9 @@ def kill_9_then_resume(config: Path, records: Path, after_lines: int, timeout: f
     import signal
     import time
 
-    proc = subprocess.Popen([*CLI, "generate", str(config)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [*CLI, "generate", str(config)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and (not records.exists() or records.read_text().count("\n") < after_lines):
         time.sleep(0.02)
@@ -74,7 +80,9 @@ def make_trained_run(root: Path, extra: str = "") -> Path:
         "export: {check_prompts: 2}\n" + extra
     )
     cfg = load_config(path)
-    build_tiny(root / "models", TinyModelsConfig(seed=2, corpus_size=60), load_task(cfg))  # tokenizers of the config's task
+    build_tiny(
+        root / "models", TinyModelsConfig(seed=2, corpus_size=60), load_task(cfg)
+    )  # tokenizers of the config's task
     generate(cfg)
     prepare_output(cfg, "train", overwrite=False)
     base = AutoModelForCausalLM.from_pretrained(cfg.models.student)

@@ -4,8 +4,14 @@ from pathlib import Path
 import pytest
 
 from distill.artifacts import (
-    StageRecord, atomic_write_json, is_complete, prepare_output, read_manifest, require_input, stage_status,
-)  # fmt: skip
+    StageRecord,
+    atomic_write_json,
+    is_complete,
+    prepare_output,
+    read_manifest,
+    require_input,
+    stage_status,
+)
 from distill.config import load_config
 from distill.errors import DistillError, StageInputError
 

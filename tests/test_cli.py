@@ -117,7 +117,10 @@ def test_task_check_exit_codes(tmp_path: Path) -> None:
     text.write_text(program)
     assert check(profile_only, text).returncode == 0
 
-    for broken, expected in (("{nope", "invalid JSON at line 1"), ('{"profile": {"role": "pilot"}}', "profile.level: missing")):
+    for broken, expected in (
+        ("{nope", "invalid JSON at line 1"),
+        ('{"profile": {"role": "pilot"}}', "profile.level: missing"),
+    ):
         profile_only.write_text(broken)
         res = check(profile_only, text)
         assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr

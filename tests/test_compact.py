@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from distill.config import load_config
 
 CONFIG = """\
@@ -52,7 +52,10 @@ def test_gpt2_student_uses_the_task_tokenizer(pruned) -> None:
     cfg = load_config(pruned)
     config = AutoConfig.from_pretrained(cfg.models.student)
     assert config.model_type == "gpt2" and (config.n_layer, config.n_embd, config.n_head) == (2, 64, 2)
-    student, teacher = AutoTokenizer.from_pretrained(cfg.models.student), AutoTokenizer.from_pretrained(cfg.models.teacher)
+    student, teacher = (
+        AutoTokenizer.from_pretrained(cfg.models.student),
+        AutoTokenizer.from_pretrained(cfg.models.teacher),
+    )
     assert student.get_vocab() == teacher.get_vocab() and student.chat_template == teacher.chat_template
 
 
@@ -78,8 +81,9 @@ def test_prune_sparsity_exactly_as_configured(pruned) -> None:
         else:
             assert (tensor == before[name]).all(), name
     assert metrics["overall_sparsity"] == pytest.approx(0.4, abs=1e-4)
-    assert set(metrics["layer_sparsity"]) == {f"transformer.h.{i}.{m}" for i in range(2)
-                                              for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+    assert set(metrics["layer_sparsity"]) == {
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
 
 
 def test_export_gguf_and_int8_of_the_pruned_gpt2(pruned) -> None:
@@ -111,8 +115,13 @@ def test_export_gguf_and_int8_of_the_pruned_gpt2(pruned) -> None:
         "import sys, torch; from distill.stages.export import load_int8; m = load_int8(__import__('pathlib').Path(sys.argv[1]));"
         "print(m(torch.tensor([[1, 2, 3, 4]])).logits[0, -1].tolist())"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(cfg.run_path / "export" / "int8")], capture_output=True,
-                         text=True, check=True, cwd=REPO)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(cfg.run_path / "export" / "int8")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     from distill.stages.export import load_int8
 
     here = load_int8(cfg.run_path / "export" / "int8")(__import__("torch").tensor([[1, 2, 3, 4]])).logits[0, -1]

@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from conftest import make_exported_run, run_cli
+
 from distill.config import CrewTaskConfig, load_config
 from distill.tasks.crew.pack import CrewTask
 from distill.tasks.crew.profile import Profile
@@ -30,18 +30,25 @@ def test_scores_of_known_programs() -> None:
     row, program = _row(3)
     teacher = score(row["response"], row, TASK)
     assert teacher == {
-        "valid": True, "violations": [], "quality": 1.0, "agreement": {"split_match": 1.0, "exercise_overlap": 1.0}
-    }  # fmt: skip
+        "valid": True,
+        "violations": [],
+        "quality": 1.0,
+        "agreement": {"split_match": 1.0, "exercise_overlap": 1.0},
+    }
 
     # Swap the first exercise for one the profile cannot do and drop the last workout.
     profile = Profile.from_dict(json.loads(row["payload"])["profile"])
-    forbidden = next(ex for ex in catalog if profile.contraindications & ex.contraindications or ex.equipment - profile.equipment)
+    forbidden = next(
+        ex for ex in catalog if profile.contraindications & ex.contraindications or ex.equipment - profile.equipment
+    )
     first = program.workouts[0]
     broken = replace(
         program,
-        workouts=(replace(first, exercises=(replace(first.exercises[0], exercise_id=forbidden.id), *first.exercises[1:])),
-                  *program.workouts[1:2]),
-    )  # fmt: skip
+        workouts=(
+            replace(first, exercises=(replace(first.exercises[0], exercise_id=forbidden.id), *first.exercises[1:])),
+            *program.workouts[1:2],
+        ),
+    )
     result = score(render_program(broken), row, TASK)
     assert not result["valid"] and "wrong_workout_count" in result["violations"]
     assert {"contraindicated_exercise", "unavailable_equipment"} & set(result["violations"])
@@ -100,13 +107,23 @@ def test_every_variant_evaluated_and_compared(exported) -> None:
         folder = cfg.run_path / "eval" / model
         for name, in_grammar in (("generations.constrained.jsonl", True), ("generations.jsonl", False)):
             records = [json.loads(line) for line in (folder / name).read_text().splitlines()]
-            matched = [xgr.GrammarMatcher(compiler.compile_grammar(TASK.grammar(payloads[r["id"]]).gbnf)).accept_string(r["text"])
-                       for r in records]  # fmt: skip
+            matched = [
+                xgr.GrammarMatcher(compiler.compile_grammar(TASK.grammar(payloads[r["id"]]).gbnf)).accept_string(
+                    r["text"]
+                )
+                for r in records
+            ]
             assert all(matched) if in_grammar else not all(matched), (model, name)
 
     comparison = (cfg.run_path / "eval" / "comparison.md").read_text()
-    for title in ("reference answers (held-out)", "student before training", "merged student", "GGUF in llama.cpp",
-                  "merged student + grammar", "GGUF in llama.cpp + grammar"):  # fmt: skip
+    for title in (
+        "reference answers (held-out)",
+        "student before training",
+        "merged student",
+        "GGUF in llama.cpp",
+        "merged student + grammar",
+        "GGUF in llama.cpp + grammar",
+    ):
         assert f"| {title} |" in comparison
     assert (cfg.run_path / "eval" / "comparison.png").stat().st_size > 5000
 
@@ -145,6 +162,8 @@ def test_grammar_off(exported) -> None:
     from distill.artifacts import read_manifest
     from distill.stages.eval import run as evaluate
 
-    off = read_manifest(evaluate(load_config(exported, ["eval.grammar=false"]), model="gguf", overwrite=True))["metrics"]
+    off = read_manifest(evaluate(load_config(exported, ["eval.grammar=false"]), model="gguf", overwrite=True))[
+        "metrics"
+    ]
     assert off["grammar"] == "free only (eval.grammar is off)" and "constrained" not in off
     assert not (exported.parent / "runs/e/eval/gguf/generations.constrained.jsonl").exists()

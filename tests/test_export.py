@@ -2,8 +2,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_trained_run, run_cli
+
 from distill.config import load_config
 from distill.errors import DistillError
 
@@ -78,7 +78,9 @@ def test_teacher_qwen3_exports_and_agrees(trained_run, tmp_path) -> None:
     assert written["architecture"] == "qwen3"
     tok = AutoTokenizer.from_pretrained(teacher)
     prompts = [
-        tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True, enable_thinking=False)["input_ids"]
+        tok.apply_chat_template(
+            [{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True, enable_thinking=False
+        )["input_ids"]
         for t in ("Plan 3 workouts for a pilot.", "Тренировки для бортпроводника, 3 раза в неделю.")
     ]
     check = verify(teacher, tmp_path / "teacher.gguf", prompts, tok)
@@ -109,8 +111,13 @@ def test_embedding_rows_past_the_tokenizer_get_placeholder_tokens(trained_run, t
         write_gguf(padded, tmp_path / f"{role}.gguf", "f32")
         tokens = gguf.GGUFReader(str(tmp_path / f"{role}.gguf")).fields["tokenizer.ggml.tokens"]
         assert len(tokens.data) == rows and tokens.contents(rows - 1) == f"[PAD{rows - 1}]"
-        prompts = [tok.apply_chat_template([{"role": "user", "content": "Plan 3 workouts for a pilot."}],
-                                           add_generation_prompt=True, return_dict=True)["input_ids"]]  # fmt: skip
+        prompts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Plan 3 workouts for a pilot."}],
+                add_generation_prompt=True,
+                return_dict=True,
+            )["input_ids"]
+        ]
         check = verify(padded, tmp_path / f"{role}.gguf", prompts, tok)
         assert check["tokenization_match"] == 1.0 and check["top1_agreement"] == 1.0, role
 
@@ -121,8 +128,9 @@ def test_bad_inputs(trained_run, tmp_path) -> None:
     from distill.gguf_writer import write_gguf
 
     other = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(other)  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(other)
     with pytest.raises(DistillError, match="'llama' is not supported; supported: gemma3"):
         write_gguf(other, tmp_path / "x.gguf", "q8_0")
 

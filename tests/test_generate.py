@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import check_captured_distribution, crew_task, kill_9_then_resume, run_cli
+
 from distill.config import load_config
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
@@ -35,7 +36,9 @@ def write_config(tmp_path: Path, models: Path, extra: str = "") -> Path:
 
 
 def load_records(folder: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(folder.glob("shards/*/records.jsonl")) for line in f.read_text().splitlines()]
+    return [
+        json.loads(line) for f in sorted(folder.glob("shards/*/records.jsonl")) for line in f.read_text().splitlines()
+    ]
 
 
 def test_reference_backend_end_to_end_with_splits(tmp_path, models) -> None:
@@ -81,7 +84,12 @@ def test_near_duplicates_and_reasoning_only_are_rejected(tmp_path, models) -> No
 
 
 def test_kill_9_then_resume_gives_exact_unique_counts(tmp_path, models) -> None:
-    config = write_config(tmp_path, models).read_text().replace("num_examples: 40", "num_examples: 1500").replace("batch_size: 16", "batch_size: 4")
+    config = (
+        write_config(tmp_path, models)
+        .read_text()
+        .replace("num_examples: 40", "num_examples: 1500")
+        .replace("batch_size: 16", "batch_size: 4")
+    )
     path = tmp_path / "big.yaml"
     path.write_text(config)
     before = kill_9_then_resume(path, tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl", 100, 120)
@@ -111,7 +119,10 @@ def test_shards_then_merge(tmp_path, models) -> None:
     ids = [i for split in sharded.values() for i in split["id"]]
     assert len(ids) == len(set(ids))
     for i in range(3):  # each shard did exactly its own indices
-        shard_recs = [json.loads(x) for x in (tmp_path / f"runs/g/generate/shards/shard-{i}-of-3/records.jsonl").read_text().splitlines()]
+        shard_recs = [
+            json.loads(x)
+            for x in (tmp_path / f"runs/g/generate/shards/shard-{i}-of-3/records.jsonl").read_text().splitlines()
+        ]
         assert shard_recs and all(r["index"] % 3 == i for r in shard_recs)
 
     # a record present in two shards is refused at merge
@@ -158,8 +169,15 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"
 def test_vllm_backend_on_tiny_qwen3(tmp_path, models) -> None:
     extra = "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 24}\n  vllm: {dtype: float32, max_model_len: 4096, enforce_eager: true, cpu_kvcache_gb: 1}\n"
     path = write_config(tmp_path, models, extra)
-    result = run_cli("generate", str(path), "generate.backend=vllm", "generate.num_examples=8",
-                     "generate.validation_examples=2", "generate.test_examples=2", env=VLLM_ENV)  # fmt: skip
+    result = run_cli(
+        "generate",
+        str(path),
+        "generate.backend=vllm",
+        "generate.num_examples=8",
+        "generate.validation_examples=2",
+        "generate.test_examples=2",
+        env=VLLM_ENV,
+    )
     # a random teacher writes no valid program: the stage reports it and keeps what it did
     assert result.returncode == 1 and "ran out of attempts" in result.stderr, result.stderr
     recs = load_records(tmp_path / "runs/g/generate")
@@ -174,11 +192,17 @@ GRAMMAR_LEAVES = {"near_duplicate"}  # the crew grammar enforces every check; on
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["transformers", "vllm"])
-def test_a_teacher_under_the_grammar_is_rejected_only_for_what_the_grammar_cannot_say(tmp_path, models, backend) -> None:
+def test_a_teacher_under_the_grammar_is_rejected_only_for_what_the_grammar_cannot_say(
+    tmp_path, models, backend
+) -> None:
     extra = "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 700}\n  vllm: {dtype: float32, max_model_len: 4096, enforce_eager: true, cpu_kvcache_gb: 1}\n"
     path = write_config(tmp_path, models, extra)
-    args = (f"generate.backend={backend}", "generate.num_examples=8", "generate.validation_examples=2",
-            "generate.test_examples=2")  # fmt: skip
+    args = (
+        f"generate.backend={backend}",
+        "generate.num_examples=8",
+        "generate.validation_examples=2",
+        "generate.test_examples=2",
+    )
     # with the teacher's top-5 at every token (what train.objective=kd distils)
     constrained = run_cli("generate", str(path), *args, "generate.grammar=true", "generate.logprobs=5", env=VLLM_ENV)
     recs = load_records(tmp_path / "runs/g/generate")
@@ -204,7 +228,9 @@ class _FlakyProxy(BaseHTTPRequestHandler):
     def _forward(self, method: str, body: bytes | None = None) -> None:
         import httpx
 
-        response = httpx.request(method, self.upstream + self.path, content=body, headers={"Content-Type": "application/json"}, timeout=120)
+        response = httpx.request(
+            method, self.upstream + self.path, content=body, headers={"Content-Type": "application/json"}, timeout=120
+        )
         self.send_response(response.status_code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(response.content)))
@@ -234,12 +260,29 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models / "teacher"),
-         "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "4096", "--enforce-eager"],
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(models / "teacher"),
+            "--served-model-name",
+            "teacher",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "4096",
+            "--enforce-eager",
+        ],
         env={**os.environ, **VLLM_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vc")},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
     _FlakyProxy.upstream = f"http://127.0.0.1:{port}"
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
@@ -258,17 +301,32 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
             f"  openai: {{base_url: 'http://127.0.0.1:{proxy.server_address[1]}/v1', model: teacher, concurrency: 2}}\n"
         )
         path = write_config(tmp_path, models, extra)
-        result = run_cli("generate", str(path), "generate.backend=openai", "generate.num_examples=3",
-                         "generate.validation_examples=1", "generate.test_examples=1")  # fmt: skip
+        result = run_cli(
+            "generate",
+            str(path),
+            "generate.backend=openai",
+            "generate.num_examples=3",
+            "generate.validation_examples=1",
+            "generate.test_examples=1",
+        )
         assert "ran out of attempts" in result.stderr, result.stderr
         recs = load_records(tmp_path / "runs/g/generate")
         assert len(recs) == 5 and all(r["output_tokens"] > 0 for r in recs)
         assert _FlakyProxy.chat_calls == 6  # 5 requests + 1 retried after the 503
         # the same server under each input's grammar (vLLM's structured_outputs): no answer is wrong in form
         # with the top-5 log-probabilities (logprobs / top_logprobs, token ids through return_tokens_as_token_ids)
-        result = run_cli("generate", str(path), "run_name=g2", "generate.backend=openai", "generate.grammar=true",
-                         "generate.num_examples=3", "generate.validation_examples=1", "generate.test_examples=1",
-                         "generate.sampling.max_tokens=700", "generate.logprobs=5")  # fmt: skip
+        result = run_cli(
+            "generate",
+            str(path),
+            "run_name=g2",
+            "generate.backend=openai",
+            "generate.grammar=true",
+            "generate.num_examples=3",
+            "generate.validation_examples=1",
+            "generate.test_examples=1",
+            "generate.sampling.max_tokens=700",
+            "generate.logprobs=5",
+        )
         recs = load_records(tmp_path / "runs/g2/generate")
         assert len(recs) >= 5 and {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES, result.stderr
         check_captured_distribution(tmp_path / "runs/g2/generate", models / "teacher", 5)
@@ -311,5 +369,5 @@ def test_self_instruct_pool_with_a_real_teacher(tmp_path, models) -> None:
 def test_prompts_carry_a_request(tmp_path, models) -> None:
     prompt = "Intro line.\n\nProfile:\n- role: pilot"
     out = crew_task().self_instruct().with_request(prompt, "I fly long-haul and my back hurts.")
-    assert out.startswith("Intro line.\nThe crew member also writes: \"I fly long-haul and my back hurts.\"")
+    assert out.startswith('Intro line.\nThe crew member also writes: "I fly long-haul and my back hurts."')
     assert out.endswith("Profile:\n- role: pilot")

@@ -9,9 +9,9 @@ import pytest
 from conftest import crew_task, make_trained_run, run_cli
 
 from distill.config import CrewTaskConfig, JsonlTaskConfig, load_config
+from distill.tasks import TaskError
 from distill.tasks.crew.pack import CrewTask
 from distill.tasks.crew.program import parse_program, render_program
-from distill.tasks import TaskError
 from distill.tasks.jsonl import JsonlTask
 
 TECHLOG = load_config(Path(__file__).resolve().parents[1] / "configs/techlog.yaml")
@@ -43,8 +43,12 @@ def test_every_jsonl_reference_answer_is_in_its_own_grammar(tmp_path) -> None:
     assert [ex.id for ex in examples if not accepts(gbnf, ex.reference)] == []
     assert task.grammar({}).json_schema == json.loads(Path(TECHLOG.task.json_schema).read_text())
     record = json.loads(examples[0].reference)
-    for broken in ('{"aircraft": "D-ABCD"', json.dumps({**record, "phase": "boarding"}), json.dumps({**record, "extra": 1}),
-                   json.dumps({k: v for k, v in record.items() if k != "action"})):  # fmt: skip
+    for broken in (
+        '{"aircraft": "D-ABCD"',
+        json.dumps({**record, "phase": "boarding"}),
+        json.dumps({**record, "extra": 1}),
+        json.dumps({k: v for k, v in record.items() if k != "action"}),
+    ):
         assert not accepts(gbnf, broken), broken
         assert task.check(broken, {}), broken  # ...and the checks agree it is wrong
 
@@ -52,21 +56,42 @@ def test_every_jsonl_reference_answer_is_in_its_own_grammar(tmp_path) -> None:
 def test_regex_and_choices_grammars(tmp_path) -> None:
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": f"q{i}", "split": "train"}) + "\n" for i in range(3)))
-    regex = JsonlTask(JsonlTaskConfig(kind="jsonl", files=[rows], prompt_field="text", split_field="split",
-                                      regex=r"[0-9]+ items?( \(approx\.\))?"), 0)  # fmt: skip
+    regex = JsonlTask(
+        JsonlTaskConfig(
+            kind="jsonl", files=[rows], prompt_field="text", split_field="split", regex=r"[0-9]+ items?( \(approx\.\))?"
+        ),
+        0,
+    )
     for text, ok in [("3 items", True), ("1 item (approx.)", True), ("3 items, thanks", False), ("items", False)]:
         assert accepts(regex.grammar({}).gbnf, text) is ok and (regex.check(text, {}) == []) is ok, text
-    choices = JsonlTask(JsonlTaskConfig(kind="jsonl", files=[rows], prompt_field="text", split_field="split",
-                                        choices=["approve", 'say "no"']), 0)  # fmt: skip
+    choices = JsonlTask(
+        JsonlTaskConfig(
+            kind="jsonl", files=[rows], prompt_field="text", split_field="split", choices=["approve", 'say "no"']
+        ),
+        0,
+    )
     assert accepts(choices.grammar({}).gbnf, 'say "no"') and not accepts(choices.grammar({}).gbnf, "approve it")
-    lookahead = JsonlTask(JsonlTaskConfig(kind="jsonl", files=[rows], prompt_field="text", split_field="split",
-                                          regex="a(?=b)b"), 0)  # fmt: skip
+    lookahead = JsonlTask(
+        JsonlTaskConfig(kind="jsonl", files=[rows], prompt_field="text", split_field="split", regex="a(?=b)b"), 0
+    )
     with pytest.raises(TaskError, match=r"task.regex: cannot be turned into a grammar \(assert has no grammar"):
         lookahead.grammar({})
 
 
-REGEXES = [r"[0-9]+ items?( \(approx\.\))?", r'a.b\d"x"', r"(yes|no)\s[a-z]{2,4}", r"[^a-c]*z", r"x{3,}", r"\d{1,3}(,\d{3})*",
-           "é+ü", r"[\]\-^]+", r"a|b|", r'\\[\\"]', r"^ab$", r"\(a\)-b[\x2da]"]  # fmt: skip
+REGEXES = [
+    r"[0-9]+ items?( \(approx\.\))?",
+    r'a.b\d"x"',
+    r"(yes|no)\s[a-z]{2,4}",
+    r"[^a-c]*z",
+    r"x{3,}",
+    r"\d{1,3}(,\d{3})*",
+    "é+ü",
+    r"[\]\-^]+",
+    r"a|b|",
+    r'\\[\\"]',
+    r"^ab$",
+    r"\(a\)-b[\x2da]",
+]
 
 
 def test_a_regex_grammar_accepts_exactly_what_the_expression_matches() -> None:
@@ -104,8 +129,16 @@ def test_the_crew_grammar_shuts_out_what_the_checks_flag() -> None:
         assert not accepts(gbnf, ex.reference + "\n" + ex.reference.split("\n", 1)[0].replace("1", "4"))
         # an exercise this crew member must not do, dosed exactly like the line it replaces
         profile = ex.payload["profile"]
-        unsafe = next((e for e in catalog if e.group == catalog[first.exercise_id].group and e.unit == "reps"
-                       and set(e.contraindications) & set(profile["contraindications"])), None)  # fmt: skip
+        unsafe = next(
+            (
+                e
+                for e in catalog
+                if e.group == catalog[first.exercise_id].group
+                and e.unit == "reps"
+                and set(e.contraindications) & set(profile["contraindications"])
+            ),
+            None,
+        )
         if unsafe is not None and first.reps is not None:
             line = f"- {unsafe.id}: {first.sets}x{first.reps}, rest {first.rest_s} s"
             if unsafe.loaded:
@@ -124,9 +157,20 @@ def test_the_crew_grammar_shuts_out_what_the_checks_flag() -> None:
         logged = {e["exercise_id"]: e for w in ex.payload["history"] for e in w["exercises"]}
         for p in (p for w in program.workouts for p in w.exercises):
             if p.load_kg is not None and logged.get(p.exercise_id, {}).get("load_kg") is not None:
-                heavy = render_program(type(program)(tuple(
-                    type(w)(w.focus, tuple(type(q)(**{**q.__dict__, "load_kg": q.load_kg * 2}) if q == p else q for q in w.exercises))
-                    for w in program.workouts)))  # fmt: skip
+                heavy = render_program(
+                    type(program)(
+                        tuple(
+                            type(w)(
+                                w.focus,
+                                tuple(
+                                    type(q)(**{**q.__dict__, "load_kg": q.load_kg * 2}) if q == p else q
+                                    for q in w.exercises
+                                ),
+                            )
+                            for w in program.workouts
+                        )
+                    )
+                )
                 assert "no_progression" in {v.check for v in task.check(heavy, ex.payload)}
                 assert not accepts(gbnf, heavy)
                 found["progression"] += 1
@@ -168,8 +212,13 @@ def _hf_sample(
         )
         processors = [compiler.processor([grammar])] if grammar is not None else []
         with torch.inference_mode():
-            new = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 logits_processor=processors, **sampling)[0, len(ids):].tolist()  # fmt: skip
+            new = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                logits_processor=processors,
+                **sampling,
+            )[0, len(ids) :].tolist()
         out.append((tokenizer.decode(new, skip_special_tokens=True), new[-1] in eos))
     return out
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, crew_task, run_cli
+
 from distill.config import load_config
 
 RAY = "  engine: ray\n  ray: {actors: 2}\n"
@@ -59,8 +59,13 @@ def ray_leftovers() -> list[str]:
 
 
 def start(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(config)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "generate", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_records(tmp_path: Path, name: str, count: int, proc: subprocess.Popen) -> None:

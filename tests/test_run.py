@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CLI, REPO, run_cli
 
 CONFIG = """\
@@ -43,7 +42,9 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
 
     # Ctrl-C inside the evaluation of the base student, after its first program is written.
     records = run / "eval" / "base" / "generations.jsonl"
-    proc = subprocess.Popen([*CLI, "run", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "run", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 400
     while not (records.is_file() and records.read_text().count("\n") >= 1):
         assert proc.poll() is None, proc.communicate()[1]
@@ -71,7 +72,10 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     # the crew pack's reference answers wrote the data: no teacher model to size or compare with
     assert "teacher_bf16_bytes" not in export and "| teacher (bf16) |" not in report
     assert f"| GGUF q8_0 | – | {export['file_bytes'] / 2**20:,.2f} MiB | – |" in report
-    assert "Written by reference answers of the `crew` task (the crew pack's rule-based planner); no language-model teacher ran" in report
+    assert (
+        "Written by reference answers of the `crew` task (the crew pack's rule-based planner); no language-model teacher ran"
+        in report
+    )
     assert "tokenization identical for 100%" in report
     assert re.search(r"Plan: \d+ processes or one server with \d+ slots fit the GPU budget; (best|no config)", report)
     assert "| 1 process x 1 slot | 1 |" in report and "| 1 server x 2 slots | 1 |" in report  # both fleets, measured
@@ -104,11 +108,18 @@ def test_teacher_size_only_where_a_teacher_model_wrote_the_data(tmp_path) -> Non
         f"run_name: s\nrun_dir: {tmp_path}\nmodels: {{teacher: Qwen/Qwen3-4B, student: s, teacher_arch: {REPO}/configs/arch/qwen3-4b.json}}\n"
     )
     assert known_teacher_params(load_config(path, ["generate.backend=reference"])) is None
-    assert known_teacher_params(load_config(path, ["generate.backend=openai", "models.teacher_arch=null"])) is None  # an API teacher
+    assert (
+        known_teacher_params(load_config(path, ["generate.backend=openai", "models.teacher_arch=null"])) is None
+    )  # an API teacher
     params = known_teacher_params(load_config(path, ["generate.backend=openai"]))
     assert params is not None and 4_000_000_000 < params < 4_100_000_000
     cfg = load_config(path)
-    export = {"teacher_params": 1000, "teacher_bf16_bytes": 2000, "format": "q8_0", "file_bytes": 4000,
-              "verification": {"prompts": 1, "tokenization_match": 1.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}}  # fmt: skip
+    export = {
+        "teacher_params": 1000,
+        "teacher_bf16_bytes": 2000,
+        "format": "q8_0",
+        "file_bytes": 4000,
+        "verification": {"prompts": 1, "tokenization_match": 1.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
+    }
     lines = "\n".join(_sizes(cfg, None, None, export))
     assert "| teacher (bf16) | 1,000 |" in lines and "| GGUF q8_0 | – | 0.00 MiB | 2.0x larger |" in lines

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO, make_exported_run, run_cli
+
 from distill.config import load_config
 from distill.serving.load import Outcome, capacity, summarize
 
@@ -39,8 +39,16 @@ def test_goodput_and_capacity_on_known_latencies() -> None:
     # (0.4-0.1)/10, (0.5-0.2)/3, (0.9-0.3)/6 = 30, 100, 100 ms; the one-token answer has none
     assert level["tpot_ms"] == {"p50": 100.0, "p95": 100.0, "p99": 100.0}
     assert level["meets_slo"] is False  # p95 900 ms > 500 ms
-    assert capacity([{"concurrency": 1, "meets_slo": True}, {"concurrency": 4, "meets_slo": True},
-                     {"concurrency": 8, "meets_slo": False}]) == 4  # fmt: skip
+    assert (
+        capacity(
+            [
+                {"concurrency": 1, "meets_slo": True},
+                {"concurrency": 4, "meets_slo": True},
+                {"concurrency": 8, "meets_slo": False},
+            ]
+        )
+        == 4
+    )
     assert capacity([{"concurrency": 1, "meets_slo": False}]) == 0
 
 
@@ -48,10 +56,18 @@ def test_best_fleet_is_most_users_then_goodput_and_closest_when_none_meets() -> 
     from distill.stages.serve import choose
 
     def fleet(levels: list[tuple[int, bool, float, float]]) -> dict:
-        rows = [{"concurrency": c, "meets_slo": m, "goodput_per_s": g, "requests_per_s": g,
-                 "e2e_ms": {"p95": p95}} for c, m, g, p95 in levels]  # fmt: skip
-        return {"servers": 1, "slots_each": 1, "threads_each": 1, "command": [], "levels": rows,
-                "capacity": capacity(rows)}  # fmt: skip
+        rows = [
+            {"concurrency": c, "meets_slo": m, "goodput_per_s": g, "requests_per_s": g, "e2e_ms": {"p95": p95}}
+            for c, m, g, p95 in levels
+        ]
+        return {
+            "servers": 1,
+            "slots_each": 1,
+            "threads_each": 1,
+            "command": [],
+            "levels": rows,
+            "capacity": capacity(rows),
+        }
 
     wide = fleet([(1, True, 1.0, 100), (4, True, 2.0, 400)])
     narrow = fleet([(1, True, 3.0, 50), (4, False, 5.0, 2000)])
@@ -171,8 +187,14 @@ def test_the_written_command_and_modelfile_serve_the_same_model(served, tmp_path
     folder = cfg.run_path / "serve"
     port = free_port()
     env = {**os.environ, "PORT": str(port), "LLAMA_SERVER": str(Path(sys.executable).parent / "llama-server")}
-    proc = subprocess.Popen(["sh", str(folder / "llama-server.sh")], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["sh", str(folder / "llama-server.sh")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not _answers(port):  # 503 while the model loads
@@ -228,8 +250,13 @@ def _answers(port: int) -> bool:
 
 
 def _start_deploy(config: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "deploy", str(config), "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "deploy", str(config), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     lines = [proc.stdout.readline() for _ in range(3)]
     assert lines[0].strip() == f"base URL: http://127.0.0.1:{port}/v1", (
@@ -255,8 +282,12 @@ def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(
     original = report_path.read_text()
     report = json.loads(original)
     measured = report["fleets"][fleet]
-    report["best"].update(fleet=fleet, servers=measured["servers"], slots_each=measured["slots_each"],
-                          threads_each=measured["threads_each"])  # fmt: skip
+    report["best"].update(
+        fleet=fleet,
+        servers=measured["servers"],
+        slots_each=measured["slots_each"],
+        threads_each=measured["threads_each"],
+    )
     report_path.write_text(json.dumps(report))  # deploy what this fleet would be, whichever won
     port = free_port()
     proc = _start_deploy(served, port)
@@ -284,8 +315,9 @@ def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(
             if len(respawned) == measured["servers"] and _answers(port):
                 break
             time.sleep(0.3)
-        streamed = client.chat.completions.create(model="student", messages=messages, max_tokens=24, temperature=0,
-                                                  stream=True)  # fmt: skip
+        streamed = client.chat.completions.create(
+            model="student", messages=messages, max_tokens=24, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
@@ -304,10 +336,21 @@ def test_no_server_outlives_serve_however_it_is_stopped(served, how) -> None:
     cfg = load_config(served)
     log_dir = cfg.run_path / "serve" / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "serve", str(served), "--overwrite", "serve.requests=40",
-         "serve.max_tokens=200"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "serve",
+            str(served),
+            "--overwrite",
+            "serve.requests=40",
+            "serve.max_tokens=200",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(servers_of(cfg.run_path / "export")) < 2:
         time.sleep(0.1)
@@ -389,9 +432,17 @@ def test_fp16_headroom_is_measured_and_an_overflowing_student_is_flagged(served,
 
 @pytest.mark.slow
 def test_vllm_backend_serves_the_merged_model(exported) -> None:
-    overrides = ["serve.backend=vllm", "serve.gpu_profile=a100-40gb", "serve.max_instances=1", "serve.max_slots=2",
-                 "serve.concurrency=[1]", "serve.requests=2", "serve.max_tokens=8", "serve.ready_timeout_s=180",
-                 "--overwrite"]  # fmt: skip
+    overrides = [
+        "serve.backend=vllm",
+        "serve.gpu_profile=a100-40gb",
+        "serve.max_instances=1",
+        "serve.max_slots=2",
+        "serve.concurrency=[1]",
+        "serve.requests=2",
+        "serve.max_tokens=8",
+        "serve.ready_timeout_s=180",
+        "--overwrite",
+    ]
     res = run_cli("serve", str(exported), *overrides)
     assert res.returncode == 0, res.stderr
     report = json.loads((load_config(exported).run_path / "serve/report.json").read_text())

@@ -3,16 +3,24 @@
 import json
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.serving.memory import (
-    GPU_PROFILES, Geometry, compute_buffer_bytes, geometry_of, kv_cache_bytes, plan_serving, server_bytes,
-)  # fmt: skip
+    GPU_PROFILES,
+    Geometry,
+    compute_buffer_bytes,
+    geometry_of,
+    kv_cache_bytes,
+    plan_serving,
+    server_bytes,
+)
 
 MIB = 2**20
-GEMMA_270M = Geometry(layers=18, kv_heads=1, head_dim=256, vocab=262_144, hidden=640, sliding_window=512, sliding_layers=15)
+GEMMA_270M = Geometry(
+    layers=18, kv_heads=1, head_dim=256, vocab=262_144, hidden=640, sliding_window=512, sliding_layers=15
+)
 
 
 def test_published_overrides_give_twelve_instances() -> None:
@@ -81,7 +89,9 @@ def test_one_server_slots_share_the_budget_the_processes_split() -> None:
 
 def test_every_profile_plans_and_unknown_is_an_error() -> None:
     for name in GPU_PROFILES:
-        cfg = load_config(REPO / "configs/paper.yaml", [f"serve.gpu_profile={name}", "serve.v_small_mb=300", "serve.v_batch_mb=200"])
+        cfg = load_config(
+            REPO / "configs/paper.yaml", [f"serve.gpu_profile={name}", "serve.v_small_mb=300", "serve.v_batch_mb=200"]
+        )
         assert plan_serving(cfg)["instances"] == GPU_PROFILES[name][0] // (500 * MIB)
     cfg = load_config(REPO / "configs/paper.yaml", ["serve.gpu_profile=gtx-potato"])
     with pytest.raises(DistillError, match="serve.gpu_profile: unknown GPU 'gtx-potato'"):
@@ -89,13 +99,23 @@ def test_every_profile_plans_and_unknown_is_an_error() -> None:
 
 
 def test_dry_run_json_keys() -> None:
-    result = run_cli("serve", "configs/paper.yaml", "serve.v_small_mb=300", "serve.v_batch_mb=200", "--dry-run", "--json")
+    result = run_cli(
+        "serve", "configs/paper.yaml", "serve.v_small_mb=300", "serve.v_batch_mb=200", "--dry-run", "--json"
+    )
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert {k: plan[k] for k in ("v_gpu_bytes", "v_small_bytes", "v_batch_bytes", "instances")} == {
-        "v_gpu_bytes": 6 * 2**30, "v_small_bytes": 300 * MIB, "v_batch_bytes": 200 * MIB, "instances": 12,
-    }  # fmt: skip
+        "v_gpu_bytes": 6 * 2**30,
+        "v_small_bytes": 300 * MIB,
+        "v_batch_bytes": 200 * MIB,
+        "instances": 12,
+    }
     table = run_cli(
-        "serve", "configs/paper.yaml", "serve.v_small_mb=300", "serve.v_batch_mb=200", "--dry-run", env={"COLUMNS": "200"}
+        "serve",
+        "configs/paper.yaml",
+        "serve.v_small_mb=300",
+        "serve.v_batch_mb=200",
+        "--dry-run",
+        env={"COLUMNS": "200"},
     )
     assert "n = floor(V_GPU / (V_small + V_batch))" in table.stdout and "12" in table.stdout

@@ -12,9 +12,16 @@ from distill.tasks.crew.history import LoggedWorkout
 from distill.tasks.crew.planner import plan_program
 from distill.tasks.crew.profile import CELLS, Profile, sample_profile
 from distill.tasks.crew.program import (
-    Prescription, Program, ProgramParseError, Workout, parse_program, program_from_json, program_to_json, render_line,
+    Prescription,
+    Program,
+    ProgramParseError,
+    Workout,
+    parse_program,
+    program_from_json,
+    program_to_json,
+    render_line,
     render_program,
-)  # fmt: skip
+)
 from distill.tasks.crew.prompt import make_instance
 from distill.tasks.crew.rules import unsafe_reasons
 
@@ -97,9 +104,13 @@ def test_history_is_written_like_the_answer_lines() -> None:
 
     compared = 0
     for index in range(20):
-        profile, history, program = instance(index)
+        _profile, history, program = instance(index)
         lines = make_instance(0, index, CATALOG)["prompt"].splitlines()
-        logged = {head(line): line for line in lines if line.startswith("- ") and (", RPE " in line or line.endswith(", missed"))}
+        logged = {
+            head(line): line
+            for line in lines
+            if line.startswith("- ") and (", RPE " in line or line.endswith(", missed"))
+        }
         assert len(logged) == len({e.exercise_id for w in history for e in w.exercises})
         for workout in program.workouts:
             for p in workout.exercises:
@@ -118,7 +129,9 @@ def test_allowed_catalog_lists_exactly_what_the_profile_may_do() -> None:
     for index in range(40):
         inst = make_instance(0, index, CATALOG, catalog_mode="allowed")
         profile = Profile.from_dict(inst["profile"])
-        listed = {line[2:].split(" | ")[0] for line in inst["prompt"].splitlines() if line.startswith("- ") and " | " in line}
+        listed = {
+            line[2:].split(" | ")[0] for line in inst["prompt"].splitlines() if line.startswith("- ") and " | " in line
+        }
         assert listed == {ex.id for ex in CATALOG if not unsafe_reasons(ex, profile)}
         restricted += len(listed) < len(CATALOG)
         available = make_instance(0, index, CATALOG, catalog_mode="available")["prompt"]
@@ -155,29 +168,46 @@ def test_each_check_fires_alone() -> None:
 
     _only(check_program("Workout 1 full_body\n- x", profile, CATALOG, history), "unparseable")
     _only(check_program_obj(Program(program.workouts[:2]), profile, CATALOG, history), "wrong_workout_count")
-    _only(check_program_obj(_replace_first(program, 0, 0, replace(first, exercise_id="moon_walk")), profile, CATALOG, history), "unknown_exercise")
-
+    _only(
+        check_program_obj(
+            _replace_first(program, 0, 0, replace(first, exercise_id="moon_walk")), profile, CATALOG, history
+        ),
+        "unknown_exercise",
+    )
 
 
 def test_contraindicated_exercise_fires_alone() -> None:
     def chest_slot(prog: Program) -> tuple[int, int] | None:
         return next(
-            ((w, i) for w, wk in enumerate(prog.workouts) for i, p in enumerate(wk.exercises) if CATALOG[p.exercise_id].group == "chest"),
+            (
+                (w, i)
+                for w, wk in enumerate(prog.workouts)
+                for i, p in enumerate(wk.exercises)
+                if CATALOG[p.exercise_id].group == "chest"
+            ),
             None,
         )
 
-    profile, history, program = _find(lambda p, h, prog: p.contraindications == {"shoulder"} and chest_slot(prog) is not None)
+    profile, history, program = _find(
+        lambda p, h, prog: p.contraindications == {"shoulder"} and chest_slot(prog) is not None
+    )
     w, i = chest_slot(program)
     item = program.workouts[w].exercises[i]
     # push_up: chest, bodyweight, beginner — only its shoulder tag is wrong for this profile
     push_up = Prescription("push_up", item.sets, reps=item.reps, rest_s=item.rest_s)
-    _only(check_program_obj(_replace_first(program, w, i, push_up), profile, CATALOG, history), "contraindicated_exercise")
+    _only(
+        check_program_obj(_replace_first(program, w, i, push_up), profile, CATALOG, history), "contraindicated_exercise"
+    )
 
 
 def test_equipment_level_and_dosing_checks() -> None:
     profile, history, program = _find(
-        lambda p, h, prog: p.level == "beginner" and "barbell" not in p.equipment and not p.contraindications
-        and prog.workouts[0].focus == "full_body"
+        lambda p, h, prog: (
+            p.level == "beginner"
+            and "barbell" not in p.equipment
+            and not p.contraindications
+            and prog.workouts[0].focus == "full_body"
+        )
     )
     w0 = program.workouts[0]
     idx, item = next((i, p) for i, p in enumerate(w0.exercises) if CATALOG[p.exercise_id].group == "posterior")
@@ -186,7 +216,10 @@ def test_equipment_level_and_dosing_checks() -> None:
     assert found == {"unavailable_equipment", "level_too_low"}
 
     too_many = replace(item, sets=9)
-    _only(check_program_obj(_replace_first(program, 0, idx, too_many), profile, CATALOG, history), "sets_reps_out_of_range")
+    _only(
+        check_program_obj(_replace_first(program, 0, idx, too_many), profile, CATALOG, history),
+        "sets_reps_out_of_range",
+    )
 
     twice = replace(w0, exercises=(*w0.exercises[:1], w0.exercises[0], *w0.exercises[2:]))
     violations = check_program_obj(Program((twice, *program.workouts[1:])), profile, CATALOG, history)
@@ -203,21 +236,44 @@ def test_split_mismatch_and_progression() -> None:
     # a chest exercise in a legs workout
     legs = next(i for i, w in enumerate(program.workouts) if w.focus == "legs")
     item = program.workouts[legs].exercises[-1]
-    wrong_group = next(ex for ex in CATALOG if ex.group == "chest" and ex.unit == "reps" and not ex.loaded and ex.equipment <= profile.equipment and not ex.contraindications & profile.contraindications and ex.min_level != "advanced")
+    wrong_group = next(
+        ex
+        for ex in CATALOG
+        if ex.group == "chest"
+        and ex.unit == "reps"
+        and not ex.loaded
+        and ex.equipment <= profile.equipment
+        and not ex.contraindications & profile.contraindications
+        and ex.min_level != "advanced"
+    )
     moved = replace(item, exercise_id=wrong_group.id, load_kg=None, reps=10, sets=3, seconds=None)
-    found = {v.check for v in check_program_obj(_replace_first(program, legs, len(program.workouts[legs].exercises) - 1, moved), profile, CATALOG, history)}
+    found = {
+        v.check
+        for v in check_program_obj(
+            _replace_first(program, legs, len(program.workouts[legs].exercises) - 1, moved), profile, CATALOG, history
+        )
+    }
     assert "split_mismatch" in found
 
     profile, history, program = _find(
-        lambda p, h, prog: any(
-            e.load_kg and e.completed and e.rpe <= 8 and e.exercise_id in {x.exercise_id for x in prog.workouts[0].exercises}
-            for e in h[-1].exercises
-        ) and all(e.exercise_id not in {x.exercise_id for w in h[:-1] for x in w.exercises} for e in h[-1].exercises[:1])
+        lambda p, h, prog: (
+            any(
+                e.load_kg
+                and e.completed
+                and e.rpe <= 8
+                and e.exercise_id in {x.exercise_id for x in prog.workouts[0].exercises}
+                for e in h[-1].exercises
+            )
+            and all(
+                e.exercise_id not in {x.exercise_id for w in h[:-1] for x in w.exercises} for e in h[-1].exercises[:1]
+            )
+        )
     )
     last = {e.exercise_id: e for w in history for e in w.exercises}
     w0 = program.workouts[0]
     idx, item = next(
-        (i, p) for i, p in enumerate(w0.exercises)
+        (i, p)
+        for i, p in enumerate(w0.exercises)
         if p.load_kg and last.get(p.exercise_id) and last[p.exercise_id].completed and last[p.exercise_id].rpe <= 8
     )
     regressed = replace(item, load_kg=last[item.exercise_id].load_kg - 5)
@@ -230,9 +286,18 @@ def test_quality_score() -> None:
     assert quality_score(check_program("nonsense", profile, CATALOG, history), WEIGHTS) == 0.0
     broken = Program(program.workouts[:2])
     assert 0 < quality_score(check_program_obj(broken, profile, CATALOG, history), WEIGHTS) < 1
-    assert set(CHECKS) >= {"unparseable", "wrong_workout_count", "unknown_exercise", "contraindicated_exercise",
-                           "unavailable_equipment", "level_too_low", "sets_reps_out_of_range", "exercise_count",
-                           "split_mismatch", "no_progression"}  # fmt: skip
+    assert set(CHECKS) >= {
+        "unparseable",
+        "wrong_workout_count",
+        "unknown_exercise",
+        "contraindicated_exercise",
+        "unavailable_equipment",
+        "level_too_low",
+        "sets_reps_out_of_range",
+        "exercise_count",
+        "split_mismatch",
+        "no_progression",
+    }
 
 
 def test_parse_errors_name_the_line() -> None:
@@ -247,19 +312,35 @@ def test_parse_errors_name_the_line() -> None:
 def test_pull_day_shoulder_slot_takes_a_pull_movement() -> None:
     # the case from the issue: intermediate pilot, 3/week (push/pull/legs), maintenance, lower back,
     # hotel gym with dumbbells, bench and treadmill only
-    profile = Profile("pilot", "intermediate", 3, "maintenance", frozenset({"lower_back"}), frozenset({"dumbbells", "bench", "treadmill"}))
+    profile = Profile(
+        "pilot",
+        "intermediate",
+        3,
+        "maintenance",
+        frozenset({"lower_back"}),
+        frozenset({"dumbbells", "bench", "treadmill"}),
+    )
     program = plan_program(profile, [], CATALOG)
     pull = next(w for w in program.workouts if w.focus == "pull")
-    assert [CATALOG[p.exercise_id].pattern for p in pull.exercises if CATALOG[p.exercise_id].group not in ("core", "mobility")] == ["pull"] * 4
+    assert [
+        CATALOG[p.exercise_id].pattern
+        for p in pull.exercises
+        if CATALOG[p.exercise_id].group not in ("core", "mobility")
+    ] == ["pull"] * 4
     assert "dumbbell_shoulder_press" not in {p.exercise_id for p in pull.exercises}
     assert check_program_obj(program, profile, CATALOG, None) == []
     # the checks refuse the press the planner used to put there, and a face pull on a push day
-    pressed = replace(pull, exercises=(*pull.exercises[:3], replace(pull.exercises[3], exercise_id="dumbbell_shoulder_press")))
+    pressed = replace(
+        pull, exercises=(*pull.exercises[:3], replace(pull.exercises[3], exercise_id="dumbbell_shoulder_press"))
+    )
     broken = replace(program, workouts=tuple(pressed if w is pull else w for w in program.workouts))
     assert [v.detail for v in check_program_obj(broken, profile, CATALOG, None)] == [
         "workout 2: dumbbell_shoulder_press is push work, not for a pull workout"
     ]
     banded = replace(profile, equipment=profile.equipment | {"band"})
     push = next(w for w in plan_program(banded, [], CATALOG).workouts if w.focus == "push")
-    with_face_pull = replace(push, exercises=(*push.exercises[:1], replace(push.exercises[1], exercise_id="band_face_pull"), *push.exercises[2:]))
+    with_face_pull = replace(
+        push,
+        exercises=(*push.exercises[:1], replace(push.exercises[1], exercise_id="band_face_pull"), *push.exercises[2:]),
+    )
     assert "split_mismatch" in {v.check for v in check_program_obj(Program((with_face_pull,)), banded, CATALOG, None)}

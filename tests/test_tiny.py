@@ -2,8 +2,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
 from conftest import crew_task
+
 from distill.config import TinyModelsConfig
 from distill.models import build_tiny
 
@@ -57,9 +57,16 @@ def test_gemma_template_and_control_tokens(tiny) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny["student"])
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "plan"}, {"role": "assistant", "content": "ok"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "plan"},
+        {"role": "assistant", "content": "ok"},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == "<bos><start_of_turn>user\nBe brief.\n\nplan<end_of_turn>\n<start_of_turn>model\nok<end_of_turn>\n<start_of_turn>model\n"
+    assert (
+        text
+        == "<bos><start_of_turn>user\nBe brief.\n\nplan<end_of_turn>\n<start_of_turn>model\nok<end_of_turn>\n<start_of_turn>model\n"
+    )
     for special in ("<start_of_turn>", "<end_of_turn>", "<bos>"):
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
     assert tok.eos_token == "<end_of_turn>" and tok.pad_token_id == 0

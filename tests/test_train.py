@@ -180,8 +180,12 @@ def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, model
 def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
     path = make_run(tmp_path, models, n=64, extra="  epochs: 2\n")
     checkpoints = tmp_path / "runs/t/train/checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "train", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (checkpoints / "checkpoint-4/trainer_state.json").exists():
         time.sleep(0.1)

@@ -6,6 +6,8 @@ words, and agrees with the reference when it names the same colour.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from distill.tasks import Example, Grammar, TaskBase, Violation
 
 COLOURS = ("red", "green", "blue", "amber", "violet", "teal", "ochre", "black")
@@ -15,7 +17,7 @@ THINGS = ("kite", "door", "boat", "scarf", "lamp", "mug", "bicycle", "tent", "ja
 class ToyTask(TaskBase):
     name = "toy"
     unit = "note"
-    agreement_titles = {"same_colour": "same colour"}
+    agreement_titles: ClassVar[dict[str, str]] = {"same_colour": "same colour"}
     reference_source = "the toy task's own replies"
 
     def __init__(self, max_words: int, grammar: str | None = None):
@@ -31,10 +33,12 @@ class ToyTask(TaskBase):
             return None
         colour = COLOURS[(index + len(split)) % len(COLOURS)]
         return Example(
-            id=f"toy-{split}-{index}", prompt=f"Name a thing that is {colour}, in a few words.",
-            group=f"{split}-{index}", payload={"colour": colour},
+            id=f"toy-{split}-{index}",
+            prompt=f"Name a thing that is {colour}, in a few words.",
+            group=f"{split}-{index}",
+            payload={"colour": colour},
             reference=f"my {colour} {THINGS[index % len(THINGS)]} from {split} day {index}",
-        )  # fmt: skip
+        )
 
     def check(self, answer: str, payload: dict) -> list[Violation]:
         words = answer.split()

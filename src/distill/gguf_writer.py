@@ -79,7 +79,9 @@ def _convert(arch: str, name: str, data: np.ndarray) -> np.ndarray:
 
 def _add_tensor(writer: Any, gguf: Any, name: str, data: np.ndarray, stored: str) -> None:
     if stored == "q8_0":
-        writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(
+            name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+        )
     elif stored == "f16":
         writer.add_tensor(name, data.astype(np.float16))
     else:
@@ -107,9 +109,14 @@ def _metadata(writer: Any, arch: str, config: Any) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     if arch == "gemma3":
         layer_types = list(getattr(config, "layer_types", []))
-        expected = ["full_attention" if (i + 1) % GEMMA_SWA_PATTERN == 0 else "sliding_attention" for i in range(len(layer_types))]
+        expected = [
+            "full_attention" if (i + 1) % GEMMA_SWA_PATTERN == 0 else "sliding_attention"
+            for i in range(len(layer_types))
+        ]
         if layer_types != expected:
-            raise DistillError("export: this Gemma 3 has a sliding/global layer pattern llama.cpp cannot express (every 6th global)")
+            raise DistillError(
+                "export: this Gemma 3 has a sliding/global layer pattern llama.cpp cannot express (every 6th global)"
+            )
         writer.add_sliding_window(config.sliding_window)
         writer.add_rope_freq_base(float(rope.get("full_attention", {}).get("rope_theta", 1_000_000.0)))
     else:
@@ -132,7 +139,9 @@ def _spm_vocab(writer: Any, gguf: Any, folder: Path, tokenizer: Any, rows: int) 
 
     model_file = folder / "tokenizer.model"
     if not model_file.is_file():
-        raise DistillError(f"{folder}: no tokenizer.model; a Gemma export needs the SentencePiece model beside the weights")
+        raise DistillError(
+            f"{folder}: no tokenizer.model; a Gemma export needs the SentencePiece model beside the weights"
+        )
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     if sp.GetPieceSize() != len(tokenizer):
         raise DistillError(f"{model_file}: {sp.GetPieceSize()} pieces but the tokenizer has {len(tokenizer)} tokens")
@@ -213,8 +222,13 @@ def write_gguf(model_dir: Path, target: Path, fmt: str) -> dict[str, Any]:
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(target), arch)
     writer.add_name(model_dir.name)
-    writer.add_file_type({"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "f32": gguf.LlamaFileType.ALL_F32}[fmt])  # fmt: skip
+    writer.add_file_type(
+        {
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "f32": gguf.LlamaFileType.ALL_F32,
+        }[fmt]
+    )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _metadata(writer, arch, config)
     if arch == "gemma3":

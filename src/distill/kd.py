@@ -110,9 +110,15 @@ class Aligner:
     """Turns one example's stored teacher distribution into per-response-token targets for the student."""
 
     def __init__(
-        self, teacher_bytes: list[bytes | None], student_bytes: list[bytes | None], student_byte_pieces: set[int],
-        same: bool, teacher_end_ids: set[int], student_eot: int, uld: bool,
-    ):  # fmt: skip
+        self,
+        teacher_bytes: list[bytes | None],
+        student_bytes: list[bytes | None],
+        student_byte_pieces: set[int],
+        same: bool,
+        teacher_end_ids: set[int],
+        student_eot: int,
+        uld: bool,
+    ):
         self.same = same
         self.teacher_bytes = teacher_bytes
         self.student_bytes = student_bytes

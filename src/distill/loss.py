@@ -61,8 +61,10 @@ def _linear_cross_entropy() -> Any:
             return (
                 grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 grad_weight * grad_total if grad_weight is not None else None,
-                None, None, None,
-            )  # fmt: skip
+                None,
+                None,
+                None,
+            )
 
     return LinearCrossEntropy
 
@@ -204,9 +206,15 @@ def kd_loss_sum(
     for start in range(0, selected.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         sums = sums + checkpoint(
-            objective, selected[part], lm_head.weight, wanted[part], ids[part], teacher[part], route[part],
+            objective,
+            selected[part],
+            lm_head.weight,
+            wanted[part],
+            ids[part],
+            teacher[part],
+            route[part],
             use_reentrant=False,
-        )  # fmt: skip
+        )
     return kd.alpha * sums[0] + (1 - kd.alpha) * sums[1], int(wanted.numel())
 
 
@@ -235,9 +243,16 @@ def attach_response_loss(causal_lm: Any, chunk_size: int, kd: KdSettings | None 
             total, count = response_loss_sum(hidden, labels, lm_head, chunk_size, softcap)
         else:
             total, count = kd_loss_sum(
-                hidden, labels, lm_head, chunk_size, softcap, kd, kwargs["kd_ids"], kwargs["kd_logprobs"],
+                hidden,
+                labels,
+                lm_head,
+                chunk_size,
+                softcap,
+                kd,
+                kwargs["kd_ids"],
+                kwargs["kd_logprobs"],
                 kwargs["kd_route"],
-            )  # fmt: skip
+            )
         denominator = num_items if num_items is not None else max(count, 1)
         loss = total / denominator
         if not torch.isfinite(loss):

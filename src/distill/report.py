@@ -54,7 +54,11 @@ def _generate(cfg: PipelineConfig, task: Task, m: dict[str, Any]) -> list[str]:
                 f"Student-tokenizer lengths: prompt mean {p['mean']:.0f} (p95 {p['p95']}), response mean {r['mean']:.0f} "
                 f"(p95 {r['p95']})"
                 # reference answers are looked up, not generated: their rate says nothing
-                + (f"; teacher output {m['output_tokens_per_s']:,.0f} tokens/s." if cfg.generate.backend != "reference" else ".")
+                + (
+                    f"; teacher output {m['output_tokens_per_s']:,.0f} tokens/s."
+                    if cfg.generate.backend != "reference"
+                    else "."
+                )
             ),
             "",
         ]
@@ -211,7 +215,11 @@ def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
         _grammar_note(task, results),
         "",
     ]
-    if "teacher" in results and results["teacher"].get("teacher_acceptance_rate") is not None and cfg.generate.backend != "reference":
+    if (
+        "teacher" in results
+        and results["teacher"].get("teacher_acceptance_rate") is not None
+        and cfg.generate.backend != "reference"
+    ):
         lines += [
             (
                 f"The teacher row scores the accepted test answers, so it is valid by construction; the teacher's own "

@@ -99,8 +99,15 @@ def request_pool(cfg: PipelineConfig, task: Task, folder: Path, teacher: Any) ->
         if not path.exists():
             templates = task.self_instruct()
             pool, stats = grow_pool(cfg, teacher, load_seeds(cfg, templates), templates.ask)
-            log.info("self-instruct: %d new requests kept of %d asked (%d too similar)", stats["kept"], stats["asked"], stats["too_similar"])
+            log.info(
+                "self-instruct: %d new requests kept of %d asked (%d too similar)",
+                stats["kept"],
+                stats["asked"],
+                stats["too_similar"],
+            )
             tmp = path.with_suffix(".partial")
-            tmp.write_text("".join(json.dumps({"request": r}, ensure_ascii=False) + "\n" for r in pool), encoding="utf-8")
+            tmp.write_text(
+                "".join(json.dumps({"request": r}, ensure_ascii=False) + "\n" for r in pool), encoding="utf-8"
+            )
             tmp.rename(path)
     return [json.loads(line)["request"] for line in path.read_text(encoding="utf-8").splitlines()]

@@ -111,8 +111,14 @@ def _student_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Any:
         model_writer=buffer,
         model_type="bpe",
         vocab_size=vocab_size,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         user_defined_symbols=GEMMA_TURNS,
         byte_fallback=True,
         split_digits=True,
@@ -128,7 +134,7 @@ def _student_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Any:
         max_sentence_length=1 << 16,
         num_threads=2,
         minloglevel=2,
-    )  # fmt: skip
+    )
     model_path = folder / "tokenizer.model"
     model_path.write_bytes(buffer.getvalue())
     extracted = SentencePieceExtractor(str(model_path)).extract(BPE)
@@ -216,7 +222,13 @@ def _gpt2_config(spec: Any, tokenizer: Any) -> Any:
 
 
 def _save(
-    model_cls: Any, config: Any, tokenizer: Any, folder: Path, eos_ids: list[int], seed: int, embed_std: float | None = None
+    model_cls: Any,
+    config: Any,
+    tokenizer: Any,
+    folder: Path,
+    eos_ids: list[int],
+    seed: int,
+    embed_std: float | None = None,
 ) -> None:
     import torch
     from transformers import GenerationConfig
@@ -252,7 +264,9 @@ def build_tiny_models(out_dir: Path, texts: list[str], spec: Any) -> dict[str, P
         # The compact variant's student speaks the task tokenizer (the teacher's), trained in full.
         _save(GPT2LMHeadModel, _gpt2_config(spec.student, teacher_tok), teacher_tok, student_dir, eos, spec.seed + 1)
     elif spec.student_arch == "qwen3":  # the teacher's architecture and tokenizer: a teacher to train
-        _save(Qwen3ForCausalLM, _teacher_config(spec.student, teacher_tok), teacher_tok, student_dir, eos, spec.seed + 1)
+        _save(
+            Qwen3ForCausalLM, _teacher_config(spec.student, teacher_tok), teacher_tok, student_dir, eos, spec.seed + 1
+        )
     elif spec.student_tokenizer == "teacher":  # Gemma 3 speaking the teacher's tokenizer: a same-tokenizer pair
         ids = (teacher_cfg.pad_token_id, teacher_cfg.eos_token_id, teacher_cfg.bos_token_id)
         student_cfg = _student_config(spec.student, teacher_tok, ids)

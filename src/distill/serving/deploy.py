@@ -39,8 +39,9 @@ class Front:
                 started = False
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "authorization")}
-                    request = front.client.build_request(self.command, front.servers[index].url + self.path,
-                                                         content=body, headers=headers)  # fmt: skip
+                    request = front.client.build_request(
+                        self.command, front.servers[index].url + self.path, content=body, headers=headers
+                    )
                     response = front.client.send(request, stream=True)
                     try:
                         self.send_response(response.status_code)

@@ -85,26 +85,64 @@ def server_command(
     s = cfg.serve
     if s.backend == "llama_cpp":
         return [
-            str(llama_server_binary(cfg)), "--model", str(model), "--alias", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(port),
+            str(llama_server_binary(cfg)),
+            "--model",
+            str(model),
+            "--alias",
+            SERVED_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
             # One KV pool shared by the slots, each slot capped at the configured context.
-            "--parallel", str(slots), "--ctx-size", str(slots * s.context), "--kv-unified",
-            "--kv-unified-per-slot", str(s.context),
-            "--ubatch-size", str(s.ubatch), "--batch-size", str(s.ubatch),
-            "--threads", str(threads), "--threads-batch", str(threads),
-            "--n-gpu-layers", "999", "--fit", "off",  # everything on the GPU of a GPU build, sized by us
+            "--parallel",
+            str(slots),
+            "--ctx-size",
+            str(slots * s.context),
+            "--kv-unified",
+            "--kv-unified-per-slot",
+            str(s.context),
+            "--ubatch-size",
+            str(s.ubatch),
+            "--batch-size",
+            str(s.ubatch),
+            "--threads",
+            str(threads),
+            "--threads-batch",
+            str(threads),
+            "--n-gpu-layers",
+            "999",
+            "--fit",
+            "off",  # everything on the GPU of a GPU build, sized by us
             # The prompt cache keeps copies of slots' KV in host RAM: not part of the GPU budget.
-            "--cache-ram", "0", "--metrics", "--no-webui",
-        ], {}  # fmt: skip
+            "--cache-ram",
+            "0",
+            "--metrics",
+            "--no-webui",
+        ], {}
     import torch
 
     gpu = torch.cuda.is_available()
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(s.context), "--max-num-seqs", str(slots),
-        "--dtype", "bfloat16" if gpu else "float32", "--enforce-eager",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(s.context),
+        "--max-num-seqs",
+        str(slots),
+        "--dtype",
+        "bfloat16" if gpu else "float32",
+        "--enforce-eager",
+    ]
     if gpu:
         return command + ["--gpu-memory-utilization", str(round(1 / max(1, s.max_instances or 1), 3))], {}
     # The CPU build sizes its KV cache from this variable; one in-process engine starts fastest.
@@ -165,10 +203,14 @@ def start(server: Server) -> None:
     server.ready = False
     with server.log_path.open("a") as log_file:
         server.process = subprocess.Popen(
-            server.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **server.env},
+            server.command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **server.env},
             preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform == "linux" else None,  # noqa: PLW1509
-        )  # fmt: skip
+        )
 
 
 def stop(servers: list[Server]) -> None:
@@ -258,8 +300,11 @@ def gpu_bytes_by_pid() -> dict[int, int]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return {}
     found = {}

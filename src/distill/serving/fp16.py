@@ -31,9 +31,11 @@ def activation_peak(model_dir: Path, prompts: list[str]) -> float:
         with torch.no_grad():
             for prompt in prompts:
                 ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                    [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
                     return_dict=True,
-                )  # fmt: skip
+                )
                 model(**ids)
     finally:
         for handle in handles:

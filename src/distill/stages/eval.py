@@ -99,10 +99,16 @@ class HFModel:
             processors.append(self.grammars.processor([grammar]))
         with torch.inference_mode():
             out = self.model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=e.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id,
-                top_p=None, top_k=None, logits_processor=processors, **sampling,
-            )  # fmt: skip
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=e.max_new_tokens,
+                eos_token_id=self.eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+                top_p=None,
+                top_k=None,
+                logits_processor=processors,
+                **sampling,
+            )
         new = out[0, len(ids) :].tolist()
         return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
@@ -130,10 +136,14 @@ class GGUFModel:
     def generate(self, ids: list[int], grammar: Grammar | None = None) -> tuple[str, int]:
         self.llm.reset()
         out = self.llm.create_completion(
-            prompt=ids, max_tokens=self.cfg.eval.max_new_tokens, temperature=self.cfg.eval.temperature, top_p=1.0,
-            top_k=0 if self.cfg.eval.temperature > 0 else 1, seed=self.cfg.seed,
+            prompt=ids,
+            max_tokens=self.cfg.eval.max_new_tokens,
+            temperature=self.cfg.eval.temperature,
+            top_p=1.0,
+            top_k=0 if self.cfg.eval.temperature > 0 else 1,
+            seed=self.cfg.seed,
             grammar=llama_grammar(self.llm, grammar) if grammar is not None else None,
-        )  # fmt: skip
+        )
         return out["choices"][0]["text"], out["usage"]["completion_tokens"]
 
     def nll(self, ids: list[int], answer: list[int]) -> float:
@@ -235,7 +245,8 @@ def evaluate(
     todo = {kind: [r for r in rows if r["id"] not in done[kind]] for kind in paths}
     if model == "teacher":  # the teacher's answers are the test split itself
         records = [
-            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, task)} for r in todo[False]
+            {"id": r["id"], "split": "test", "text": r["response"], **score(r["response"], r, task)}
+            for r in todo[False]
         ]
         _append(paths[False], records)
         done[False].update((r["id"], r) for r in records)
@@ -264,9 +275,13 @@ def evaluate(
                         text, tokens = runner.generate(prompt_ids, grammar)
                         latency = time.perf_counter() - start
                         record = {
-                            "id": row["id"], "split": "test", "text": text, "tokens": tokens,
-                            "latency_s": round(latency, 4), **score(text, row, task),
-                        }  # fmt: skip
+                            "id": row["id"],
+                            "split": "test",
+                            "text": text,
+                            "tokens": tokens,
+                            "latency_s": round(latency, 4),
+                            **score(text, row, task),
+                        }
                         if not kind:
                             record.update(nll=runner.nll(prompt_ids, answer), answer_tokens=len(answer))
                         _append(paths[kind], [record])
@@ -359,11 +374,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     record.metrics = summary
     atomic_write_text(folder / "summary.md", render_summary(cfg, task, model, summary))
     log.info(
-        "eval %s: %d %ss, %.0f%% valid, quality %.2f%s%s", model, summary["answers"], task.unit,
-        100 * summary["validity"], summary["mean_quality"],
+        "eval %s: %d %ss, %.0f%% valid, quality %.2f%s%s",
+        model,
+        summary["answers"],
+        task.unit,
+        100 * summary["validity"],
+        summary["mean_quality"],
         f", perplexity {summary['perplexity']:.2f}" if "perplexity" in summary else "",
         f"; under the grammar {summary['constrained']['validity']:.0%} valid" if "constrained" in summary else "",
-    )  # fmt: skip
+    )
     out = record.finish()
     write_comparison(cfg, task)
     return out
@@ -405,11 +424,14 @@ def describe(cfg: PipelineConfig, model: str) -> str:
 def columns(task: Task) -> list[tuple[str, str, str]]:
     """(summary key, title, format) of the comparison table; agreement keys are `agreement.<metric>`."""
     return [
-        ("validity", "valid", "pct"), ("mean_quality", "quality", "num"),
+        ("validity", "valid", "pct"),
+        ("mean_quality", "quality", "num"),
         *((f"agreement.{m}", title, "pct") for m, title in task.agreement_titles.items()),
-        ("perplexity", "perplexity", "num"), ("latency_s_mean", f"s / {task.unit}", "num"),
-        ("tokens_per_s", "tokens/s", "num"), ("size_bytes", "size", "bytes"),
-    ]  # fmt: skip
+        ("perplexity", "perplexity", "num"),
+        ("latency_s_mean", f"s / {task.unit}", "num"),
+        ("tokens_per_s", "tokens/s", "num"),
+        ("size_bytes", "size", "bytes"),
+    ]
 
 
 def _get(summary: dict[str, Any], key: str) -> Any:

@@ -44,7 +44,9 @@ def verify(model_dir: Path, gguf_path: Path, prompts: list[list[int]], tokenizer
     Llama = llama_cpp("export").Llama
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     longest = max(len(p) for p in prompts)
-    llm = Llama(model_path=str(gguf_path), n_ctx=longest + 8, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1)
+    llm = Llama(
+        model_path=str(gguf_path), n_ctx=longest + 8, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
+    )
     try:
         token_matches, top1, worst = 0, 0, 0.0
         for ids in prompts:
@@ -131,13 +133,17 @@ def load_int8(folder: Path) -> Any:
     for name, module in model.named_modules():
         if isinstance(module, DynamicLinear):
             weight = torch._make_per_tensor_quantized_tensor(
-                tensors.pop(f"{name}.qweight"), float(tensors.pop(f"{name}.qscale")), int(tensors.pop(f"{name}.qzero_point"))
+                tensors.pop(f"{name}.qweight"),
+                float(tensors.pop(f"{name}.qscale")),
+                int(tensors.pop(f"{name}.qzero_point")),
             )
             module.set_weight_bias(weight, tensors.pop(f"{name}.bias", None))
     floats = dict(model.named_parameters()) | dict(model.named_buffers())
     if set(tensors) != set(floats):
-        raise DistillError(f"{folder / INT8_FILE}: does not match config.json (differing tensors: "
-                           f"{sorted(set(tensors) ^ set(floats))[:3]}); re-run `distill export ... --overwrite`")  # fmt: skip
+        raise DistillError(
+            f"{folder / INT8_FILE}: does not match config.json (differing tensors: "
+            f"{sorted(set(tensors) ^ set(floats))[:3]}); re-run `distill export ... --overwrite`"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             floats[name].copy_(tensor)
@@ -175,8 +181,12 @@ def verify_int8(model_dir: Path, int8_dir: Path, prompts: list[list[int]]) -> di
             top1 += int(ours.argmax() == theirs.argmax())
             worst = max(worst, float((ours - theirs).abs().max()))
     quantized = sum(isinstance(m, DynamicLinear) for m in int8.modules())
-    return {"prompts": len(prompts), "top1_agreement": top1 / len(prompts), "max_abs_logit_diff": worst,
-            "quantized_linears": quantized}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "top1_agreement": top1 / len(prompts),
+        "max_abs_logit_diff": worst,
+        "quantized_linears": quantized,
+    }
 
 
 def agreement_problems(cfg: PipelineConfig, checks: dict[str, Any]) -> list[str]:
@@ -277,7 +287,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         }
     log.info(
         "export: %s, %.1f MiB; tokenization match %.0f%%, top-1 %.0f%%, max |Δlogit| %.3g",
-        target.name, written["file_bytes"] / 2**20, 100 * checks["tokenization_match"], 100 * checks["top1_agreement"],
+        target.name,
+        written["file_bytes"] / 2**20,
+        100 * checks["tokenization_match"],
+        100 * checks["top1_agreement"],
         checks["max_abs_logit_diff"],
-    )  # fmt: skip
+    )
     return record.finish()

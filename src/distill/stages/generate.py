@@ -76,7 +76,9 @@ def reserved_groups(cfg: PipelineConfig, task: Task, shard: Shard, splits: tuple
     groups: set[str] = set()
     for split in splits:
         total = requested(cfg)[split]
-        span = shard.count * max((attempt_budget(cfg, shard_quota(total, Shard(k, shard.count))) for k in range(shard.count)), default=0)
+        span = shard.count * max(
+            (attempt_budget(cfg, shard_quota(total, Shard(k, shard.count))) for k in range(shard.count)), default=0
+        )
         for index in range(span):
             example = task.example(split, index)
             if example is None:
@@ -87,11 +89,17 @@ def reserved_groups(cfg: PipelineConfig, task: Task, shard: Shard, splits: tuple
 
 def check_sizes(cfg: PipelineConfig, task: Task) -> None:
     """A task with a fixed set of inputs must hold at least as many as are asked for."""
-    keys = {"train": "generate.num_examples", "validation": "generate.validation_examples", "test": "generate.test_examples"}
+    keys = {
+        "train": "generate.num_examples",
+        "validation": "generate.validation_examples",
+        "test": "generate.test_examples",
+    }
     for split, total in requested(cfg).items():
         size = task.size(split)
         if size is not None and total > size:
-            raise DistillError(f"{keys[split]}={total} but task '{task.name}' has only {size} {split} inputs; lower it or add inputs")
+            raise DistillError(
+                f"{keys[split]}={total} but task '{task.name}' has only {size} {split} inputs; lower it or add inputs"
+            )
 
 
 @dataclass
@@ -134,7 +142,9 @@ def load_state(path: Path) -> ShardState:
     for _, record in read_records(path):
         key = (record["split"], record["index"])
         if key in state.done:
-            raise DistillError(f"{path}: {record['id']} appears twice; delete the later line or re-run with --overwrite")
+            raise DistillError(
+                f"{path}: {record['id']} appears twice; delete the later line or re-run with --overwrite"
+            )
         state.done.add(key)
         state.attempts[record["split"]] += 1
         if record["status"] == "accepted":
@@ -144,7 +154,12 @@ def load_state(path: Path) -> ShardState:
 
 
 def split_candidates(
-    cfg: PipelineConfig, task: Task, shard: Shard, split: str, state: ShardState, blocked: set[str],
+    cfg: PipelineConfig,
+    task: Task,
+    shard: Shard,
+    split: str,
+    state: ShardState,
+    blocked: set[str],
     requests: list[str] | None,
 ) -> Iterator[dict[str, Any]]:
     """This shard's untried inputs of one split, in index order, within its attempt budget."""
@@ -161,13 +176,20 @@ def split_candidates(
                     prompt = task.self_instruct().with_request(prompt, requests[index % len(requests)])
                 budget -= 1
                 yield {
-                    "id": example.id, "split": split, "index": index, "group": example.group,
-                    "payload": example.payload, "prompt": prompt, "reference": example.reference,
-                }  # fmt: skip
+                    "id": example.id,
+                    "split": split,
+                    "index": index,
+                    "group": example.group,
+                    "payload": example.payload,
+                    "prompt": prompt,
+                    "reference": example.reference,
+                }
         index += shard.count
 
 
-def next_batch(cfg: PipelineConfig, shard: Shard, state: ShardState, candidates: dict[str, Iterator[dict[str, Any]]]) -> list[dict[str, Any]]:
+def next_batch(
+    cfg: PipelineConfig, shard: Shard, state: ShardState, candidates: dict[str, Iterator[dict[str, Any]]]
+) -> list[dict[str, Any]]:
     """Up to batch_size instances, never more of a split than it still needs, so counts come out exact."""
     batch: list[dict[str, Any]] = []
     for split in SPLITS:
@@ -177,7 +199,9 @@ def next_batch(cfg: PipelineConfig, shard: Shard, state: ShardState, candidates:
     return batch
 
 
-def judge(completion_text: str, inst: dict[str, Any], task: Task, dedup: NearDuplicateIndex) -> tuple[str, list[str], str, int]:
+def judge(
+    completion_text: str, inst: dict[str, Any], task: Task, dedup: NearDuplicateIndex
+) -> tuple[str, list[str], str, int]:
     """(status, reasons, answer, think blocks) for one teacher answer."""
     from distill.teachers import strip_think
 
@@ -207,12 +231,20 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
         dedup.add(record["response"])
     target = sum(shard_quota(total, shard) for total in requested(cfg).values())
     validation = reserved_groups(cfg, task, shard, ("validation",))
-    blocked = {"validation": set(), "test": validation, "train": validation | reserved_groups(cfg, task, shard, ("test",))}
+    blocked = {
+        "validation": set(),
+        "test": validation,
+        "train": validation | reserved_groups(cfg, task, shard, ("test",)),
+    }
     if not has_work(cfg, shard, state):
         return state
-    columns = (TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s{task.fields[replicas]}"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("[bold]generate[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("accept {task.fields[rate]:.0%} · {task.fields[tps]:.0f} tok/s{task.fields[replicas]}"),
+        TimeElapsedColumn(),
+    )
     if cfg.generate.engine == "ray":
         from distill.teachers.ray_pool import RayTeachers
 
@@ -245,15 +277,26 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                 for inst, completion in zip(pending, completions):
                     status, reasons, answer, blocks = judge(completion.text, inst, task, dedup)
                     record = {
-                        "id": inst["id"], "split": inst["split"], "index": inst["index"], "status": status,
-                        "reasons": reasons, "group": inst["group"], "payload": inst["payload"],
-                        "prompt": inst["prompt"], "response": answer,
+                        "id": inst["id"],
+                        "split": inst["split"],
+                        "index": inst["index"],
+                        "status": status,
+                        "reasons": reasons,
+                        "group": inst["group"],
+                        "payload": inst["payload"],
+                        "prompt": inst["prompt"],
+                        "response": answer,
                         "raw": completion.text if completion.text != answer else None,
-                        "think_blocks": blocks, "output_tokens": completion.output_tokens, "batch": batch_id, "batch_s": round(wall, 4),
-                    }  # fmt: skip
+                        "think_blocks": blocks,
+                        "output_tokens": completion.output_tokens,
+                        "batch": batch_id,
+                        "batch_s": round(wall, 4),
+                    }
                     if top_k and status == "accepted":  # in the record's own line: written and resumed with it
                         if completion.logprobs is None:
-                            raise DistillError(f"generate.logprobs: the {cfg.generate.backend} backend returned no log-probabilities")
+                            raise DistillError(
+                                f"generate.logprobs: the {cfg.generate.backend} backend returned no log-probabilities"
+                            )
                         record["teacher"] = pack(completion.logprobs, top_k)
                     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                     state.done.add((inst["split"], inst["index"]))
@@ -273,9 +316,12 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                         f"{r['examples_per_s']:g} ex/s {r['tokens_per_s']:.0f} tok/s" for r in rates
                     )
                 progress.update(
-                    bar, completed=sum(state.accepted.values()), rate=sum(state.accepted.values()) / max(attempts, 1),
-                    tps=tokens / max(time.perf_counter() - started, 1e-9), replicas=replicas,
-                )  # fmt: skip
+                    bar,
+                    completed=sum(state.accepted.values()),
+                    rate=sum(state.accepted.values()) / max(attempts, 1),
+                    tps=tokens / max(time.perf_counter() - started, 1e-9),
+                    replicas=replicas,
+                )
                 pending = next_batch(cfg, shard, state, candidates)
         if cfg.generate.engine == "ray":
             atomic_write_json(shard_dir / "engine.json", {**teacher.cluster, "replicas": teacher.throughput()})
@@ -287,7 +333,8 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
 def has_work(cfg: PipelineConfig, shard: Shard, state: ShardState) -> bool:
     """Some split still needs examples and has attempts left."""
     return any(
-        state.accepted[s] < shard_quota(total, shard) and state.attempts[s] < attempt_budget(cfg, shard_quota(total, shard))
+        state.accepted[s] < shard_quota(total, shard)
+        and state.attempts[s] < attempt_budget(cfg, shard_quota(total, shard))
         for s, total in requested(cfg).items()
     )
 
@@ -332,7 +379,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
 
         check_cluster(cfg)
     if cfg.generate.self_instruct.enabled and task.self_instruct() is None:
-        raise DistillError(f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off")
+        raise DistillError(
+            f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off"
+        )
     if shard is not None and overwrite:
         shutil.rmtree(folder / "shards" / part.name, ignore_errors=True)
     action = prepare_output(cfg, "generate", overwrite and shard is None and not merge_shards)
@@ -341,16 +390,26 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         return folder
     log.info("generate config: %s", cfg.generate.model_dump())
     if cfg.generate.self_instruct.enabled and cfg.generate.backend == "reference":
-        raise DistillError("generate.self_instruct.enabled needs a language-model teacher; the reference backend cannot write requests")
+        raise DistillError(
+            "generate.self_instruct.enabled needs a language-model teacher; the reference backend cannot write requests"
+        )
     if merge_shards:
         return merge(cfg, folder)
     ensure_models(cfg)
     state = run_shard(cfg, task, part, folder)
     if not shard_complete(cfg, part, state):
         raise DistillError(_shortfall_message(cfg, part, state))
-    atomic_write_json(folder / "shards" / part.name / "done.json", {"accepted": dict(state.accepted), "attempts": dict(state.attempts)})
+    atomic_write_json(
+        folder / "shards" / part.name / "done.json",
+        {"accepted": dict(state.accepted), "attempts": dict(state.attempts)},
+    )
     if part.count > 1:
-        log.info("shard %s done; when all %d shards are, run `distill generate %s --merge-shards`", part.name, part.count, cfg.command_args)
+        log.info(
+            "shard %s done; when all %d shards are, run `distill generate %s --merge-shards`",
+            part.name,
+            part.count,
+            cfg.command_args,
+        )
         return folder / "shards" / part.name
     return merge(cfg, folder)
 
@@ -365,7 +424,9 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
     n = counts.pop()
     missing = [f"{i}/{n}" for i in range(n) if not (folder / "shards" / f"shard-{i}-of-{n}" / "done.json").is_file()]
     if missing:
-        raise DistillError(f"generate: shards {', '.join(missing)} are not finished; run `distill generate {cfg.command_args} --shard I/{n}` for each")
+        raise DistillError(
+            f"generate: shards {', '.join(missing)} are not finished; run `distill generate {cfg.command_args} --shard I/{n}` for each"
+        )
     record = StageRecord(cfg, "generate")
     accepted: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     rejected: list[dict[str, Any]] = []
@@ -373,16 +434,22 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
     for shard_dir in shard_dirs:
         for _, rec in read_records(shard_dir / "records.jsonl"):
             if rec["id"] in seen:
-                raise DistillError(f"{rec['id']} appears in both {seen[rec['id']]} and {shard_dir.name}; re-run the shards with --overwrite")
+                raise DistillError(
+                    f"{rec['id']} appears in both {seen[rec['id']]} and {shard_dir.name}; re-run the shards with --overwrite"
+                )
             seen[rec["id"]] = shard_dir.name
             (accepted[rec["split"]] if rec["status"] == "accepted" else rejected).append(rec)
     for split, total in requested(cfg).items():
         if len(accepted[split]) != total:
-            raise DistillError(f"generate: {split} has {len(accepted[split])} accepted examples, expected {total}; re-run the shards")
+            raise DistillError(
+                f"generate: {split} has {len(accepted[split])} accepted examples, expected {total}; re-run the shards"
+            )
     train_groups = {r["group"] for r in accepted["train"]}
     leaked = [r["id"] for s in ("validation", "test") for r in accepted[s] if r["group"] in train_groups]
     if leaked:
-        raise DistillError(f"generate: held-out examples share a group with train ({leaked[0]}, ...); re-run with --overwrite")
+        raise DistillError(
+            f"generate: held-out examples share a group with train ({leaked[0]}, ...); re-run with --overwrite"
+        )
 
     saved = save_dataset(accepted, folder / "dataset", cfg.generate.logprobs)
     with (folder / "rejected.jsonl").open("w", encoding="utf-8") as fh:
@@ -407,12 +474,25 @@ def save_dataset(accepted: dict[str, list[dict[str, Any]]], target: Path, top_k:
 
     disable_progress_bars()
     columns = ("id", "index", "group", "payload", "prompt", "response")
-    features = Features({
-        "id": Value("string"), "index": Value("int64"), "group": Value("string"), "payload": Value("string"),
-        "prompt": Value("string"), "response": Value("string"),
-        **({"teacher_tokens": List(Value("int32")), "teacher_top_ids": List(List(Value("int32"))),
-            "teacher_top_logprobs": List(List(Value("float16")))} if top_k else {}),
-    })  # fmt: skip
+    features = Features(
+        {
+            "id": Value("string"),
+            "index": Value("int64"),
+            "group": Value("string"),
+            "payload": Value("string"),
+            "prompt": Value("string"),
+            "response": Value("string"),
+            **(
+                {
+                    "teacher_tokens": List(Value("int32")),
+                    "teacher_top_ids": List(List(Value("int32"))),
+                    "teacher_top_logprobs": List(List(Value("float16"))),
+                }
+                if top_k
+                else {}
+            ),
+        }
+    )
 
     def rows(records: list[dict[str, Any]]) -> Dataset:
         records = sorted(records, key=lambda r: r["index"])
@@ -456,7 +536,9 @@ def _lengths(values: list[int]) -> dict[str, float]:
     return {"mean": round(sum(ordered) / len(ordered), 1), "p50": pct(0.5), "p95": pct(0.95), "max": ordered[-1]}
 
 
-def statistics(cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], rejected: list[dict[str, Any]], shards: int) -> dict[str, Any]:
+def statistics(
+    cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], rejected: list[dict[str, Any]], shards: int
+) -> dict[str, Any]:
     everything = [r for recs in accepted.values() for r in recs] + rejected
     wall = sum({r["batch"]: r["batch_s"] for r in everything}.values())
     output_tokens = sum(r["output_tokens"] for r in everything)
@@ -465,7 +547,8 @@ def statistics(cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], r
         "engine": cfg.generate.engine,
         "grammar": cfg.generate.grammar,
         "shards": shards,
-        "counts": {split: len(recs) for split, recs in accepted.items()} | {"rejected": len(rejected), "attempts": len(everything)},
+        "counts": {split: len(recs) for split, recs in accepted.items()}
+        | {"rejected": len(rejected), "attempts": len(everything)},
         "acceptance_rate": round(sum(len(v) for v in accepted.values()) / max(len(everything), 1), 4),
         "reject_reasons": dict(Counter(reason for r in rejected for reason in r["reasons"]).most_common()),
         "think_blocks_stripped": sum(r["think_blocks"] for r in everything),
@@ -492,7 +575,11 @@ def token_lengths(cfg: PipelineConfig, records: list[dict[str, Any]]) -> dict[st
         chat = [{"role": "user", "content": r["prompt"]}]
         prompts.append(len(tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]))
         responses.append(len(tokenizer(r["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]))
-    return {"student_tokenizer": cfg.models.student, "prompt_tokens": _lengths(prompts), "response_tokens": _lengths(responses)}
+    return {
+        "student_tokenizer": cfg.models.student,
+        "prompt_tokens": _lengths(prompts),
+        "response_tokens": _lengths(responses),
+    }
 
 
 def print_stats(stats: dict[str, Any]) -> None:

@@ -23,7 +23,9 @@ def check_prompts(cfg: PipelineConfig, tokenizer: Any, count: int) -> list[list[
     split = data["validation"] if "validation" in data and len(data["validation"]) else data["train"]
     prompts = [split[i]["prompt"] for i in range(min(count, len(split)))]
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True)["input_ids"]
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True)[
+            "input_ids"
+        ]
         for p in prompts
     ]
 
@@ -70,7 +72,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         try:
             adapted = PeftModel.from_pretrained(base, adapter_dir)
         except (RuntimeError, ValueError) as exc:
-            raise DistillError(f"{adapter_dir}: adapter does not fit models.student ({str(exc).splitlines()[0]})") from None
+            raise DistillError(
+                f"{adapter_dir}: adapter does not fit models.student ({str(exc).splitlines()[0]})"
+            ) from None
         adapted.eval()
         prompts = check_prompts(cfg, tokenizer, cfg.merge.check_prompts)
         reference = [_logits(adapted, ids) for ids in prompts]

@@ -90,6 +90,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     record.files = {"model": "model"}
     log.info(
         "prune: %d layers, %.1f%% of their weights zeroed (%.1f%% of all parameters)",
-        len(sparsity), 100 * record.metrics["overall_sparsity"], 100 * record.metrics["model_sparsity"],
-    )  # fmt: skip
+        len(sparsity),
+        100 * record.metrics["overall_sparsity"],
+        100 * record.metrics["model_sparsity"],
+    )
     return record.finish()

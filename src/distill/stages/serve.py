@@ -18,25 +18,49 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import (
-    StageRecord, atomic_write_json, atomic_write_text, is_complete, prepare_output, require_input, stage_dir,
-)  # fmt: skip
+    StageRecord,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    prepare_output,
+    require_input,
+    stage_dir,
+)
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, request_fields, task_grammar
 from distill.errors import DistillError
 from distill.serving.fleet import (
-    claim_ports, gpu_bytes_by_pid, llama_server_binary, make_servers, running, sample_memory, scrape_metrics,
-)  # fmt: skip
+    claim_ports,
+    gpu_bytes_by_pid,
+    llama_server_binary,
+    make_servers,
+    running,
+    sample_memory,
+    scrape_metrics,
+)
 from distill.serving.load import SLO_QUANTILE, capacity, drive
 from distill.serving.memory import (
-    MIB, check_backend, compute_capability, format_plan, plan_serving, server_bytes, too_small,
-)  # fmt: skip
+    MIB,
+    check_backend,
+    compute_capability,
+    format_plan,
+    plan_serving,
+    server_bytes,
+    too_small,
+)
 from distill.tasks import Grammar, Task, load_task
 
 log = logging.getLogger(__name__)
 
 # Gauges worth their peak under load (llama-server's and vLLM's names).
-PEAK_GAUGES = ("requests_deferred", "requests_processing", "n_busy_slots_per_decode", "num_requests_waiting",
-               "num_requests_running", "kv_cache_usage_perc")  # fmt: skip
+PEAK_GAUGES = (
+    "requests_deferred",
+    "requests_processing",
+    "n_busy_slots_per_decode",
+    "num_requests_waiting",
+    "num_requests_running",
+    "kv_cache_usage_perc",
+)
 FP16_PROMPTS = 8
 CPU_NOTE = (
     "This run was on CPU: memory is the servers' proportional set size (PSS: shared pages such as the "
@@ -52,7 +76,7 @@ def _count(n: int, word: str) -> str:
 
 
 def fleet_label(fleet: str, servers: int, slots: int) -> str:
-    """"5 processes x 1 slot" or "1 server x 180 slots"."""
+    """ "5 processes x 1 slot" or "1 server x 180 slots"."""
     return f"{_count(servers, 'server' if fleet == 'slots' else 'process')} x {_count(slots, 'slot')}"
 
 
@@ -91,10 +115,19 @@ def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
 
 
 def measure_fleet(
-    cfg: PipelineConfig, model: Path, task: Task, requests: list[dict[str, Any]], log_dir: Path,
-    name: str, count: int, slots: int, threads: int, planned_each: int, v_gpu: int,
+    cfg: PipelineConfig,
+    model: Path,
+    task: Task,
+    requests: list[dict[str, Any]],
+    log_dir: Path,
+    name: str,
+    count: int,
+    slots: int,
+    threads: int,
+    planned_each: int,
+    v_gpu: int,
     free: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Start one fleet, sweep the concurrency levels over it, and stop it. With `free` (the same requests
     without their grammar) every level is also measured unconstrained, right after, as `free_levels`."""
     s = cfg.serve
@@ -214,17 +247,44 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
 
     processes = min(plan["instances"], s.max_instances or plan["instances"])
     slots = min(plan["slots"], s.max_slots or plan["slots"])
-    log.info("serve: plan says %d processes or 1 server with %d slots; measuring %d and %d", plan["instances"],
-             plan["slots"], processes, slots)  # fmt: skip
+    log.info(
+        "serve: plan says %d processes or 1 server with %d slots; measuring %d and %d",
+        plan["instances"],
+        plan["slots"],
+        processes,
+        slots,
+    )
     fleets: dict[str, dict[str, Any]] = {}
     if processes:
-        fleets["processes"] = measure_fleet(cfg, model, task, requests, log_dir, "processes", processes, s.parallel,
-                                            s.threads_per_instance, plan["v_small_bytes"] + plan["v_batch_bytes"],
-                                            plan["v_gpu_bytes"], free)  # fmt: skip
+        fleets["processes"] = measure_fleet(
+            cfg,
+            model,
+            task,
+            requests,
+            log_dir,
+            "processes",
+            processes,
+            s.parallel,
+            s.threads_per_instance,
+            plan["v_small_bytes"] + plan["v_batch_bytes"],
+            plan["v_gpu_bytes"],
+            free,
+        )
     # Same CPU for both: the one server gets the threads the processes had together.
-    fleets["slots"] = measure_fleet(cfg, model, task, requests, log_dir, "slots", 1, slots,
-                                    s.threads_per_instance * max(1, processes), server_bytes(plan, slots),
-                                    plan["v_gpu_bytes"], free)  # fmt: skip
+    fleets["slots"] = measure_fleet(
+        cfg,
+        model,
+        task,
+        requests,
+        log_dir,
+        "slots",
+        1,
+        slots,
+        s.threads_per_instance * max(1, processes),
+        server_bytes(plan, slots),
+        plan["v_gpu_bytes"],
+        free,
+    )
     best = choose(fleets)
     fp16 = _fp16(cfg, requests) if s.backend == "llama_cpp" else None
     report = {
@@ -292,8 +352,9 @@ def _write_portable(cfg: PipelineConfig, model: Path, folder: Path, best: dict[s
     what = fleet_label(best["fleet"], best["servers"], best["slots_each"])
     note = f"The configuration `distill serve` measured best: {what}" + (
         f"; run {best['servers']} of these on different ports behind a balancer, or use `distill deploy`"
-        if best["servers"] > 1 else ""
-    )  # fmt: skip
+        if best["servers"] > 1
+        else ""
+    )
     script = folder / "llama-server.sh"
     atomic_write_text(script, launch_script(best["command"], model, folder, note))
     script.chmod(0o755)
@@ -375,7 +436,9 @@ def render_report(report: dict[str, Any]) -> str:
     level = best["level"]
     if best["meets_slo"]:
         free = (
-            f" ({_free_level(fleets[best['fleet']], level)['goodput_per_s']} without the grammar)" if constrained else ""
+            f" ({_free_level(fleets[best['fleet']], level)['goodput_per_s']} without the grammar)"
+            if constrained
+            else ""
         )
         lines.append(
             f"Best: **{what}**: {best['capacity']} concurrent users within the SLO, goodput "

@@ -124,7 +124,9 @@ def kd_coverage(dataset: Any, aligner: Any) -> dict[str, Any]:
     return {"tokens": tokens, **{r: counts[r] for r in ROUTES}, "share": round(covered / max(tokens, 1), 4)}
 
 
-def attach_objective(cfg: PipelineConfig, model: Any, tokenizer: Any, dataset: Any) -> tuple[Any, dict[str, Any] | None]:
+def attach_objective(
+    cfg: PipelineConfig, model: Any, tokenizer: Any, dataset: Any
+) -> tuple[Any, dict[str, Any] | None]:
     """Give the model its loss (train.objective) and return the collator that feeds it, with the share of
     response tokens that get a teacher distribution (kd only)."""
     from distill.kd import ROUTES, KdCollator, load_aligner
@@ -138,9 +140,14 @@ def attach_objective(cfg: PipelineConfig, model: Any, tokenizer: Any, dataset: A
         return Collator(pad_id), None
     aligner = load_aligner(cfg.models.teacher, tokenizer, uld=t.kd.unmapped == "uld", align=t.kd.align)
     coverage = kd_coverage(dataset, aligner)
-    log.info("distilling %s from the teacher's top-%d: %.1f%% of %d response tokens covered (%s)",
-             t.kd.divergence, len(dataset[0]["teacher_top_ids"][0]), 100 * coverage["share"], coverage["tokens"],
-             ", ".join(f"{r} {coverage[r]}" for r in ROUTES))  # fmt: skip
+    log.info(
+        "distilling %s from the teacher's top-%d: %.1f%% of %d response tokens covered (%s)",
+        t.kd.divergence,
+        len(dataset[0]["teacher_top_ids"][0]),
+        100 * coverage["share"],
+        coverage["tokens"],
+        ", ".join(f"{r} {coverage[r]}" for r in ROUTES),
+    )
     settings = KdSettings(t.kd.divergence, t.kd.beta, t.kd.temperature, t.kd.alpha)
     attach_response_loss(causal_lm_of(model), t.loss_chunk_size, settings)
     return KdCollator(pad_id, aligner), coverage
@@ -157,15 +164,21 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, An
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             # explicit dtype: left to itself Unsloth picks fp16 on pre-Ampere GPUs, which overflows Gemma 3
-            model_name=cfg.models.student, max_seq_length=t.max_length,
+            model_name=cfg.models.student,
+            max_seq_length=t.max_length,
             dtype=torch.bfloat16 if bf16 else torch.float32,
             load_in_4bit=False,
-        )  # fmt: skip
+        )
         model = FastLanguageModel.get_peft_model(
-            model, r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-            target_modules=t.lora.target_modules, bias="none", random_state=cfg.seed,
+            model,
+            r=t.lora.r,
+            lora_alpha=t.lora.alpha,
+            lora_dropout=t.lora.dropout,
+            target_modules=t.lora.target_modules,
+            bias="none",
+            random_state=cfg.seed,
             use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
-        )  # fmt: skip
+        )
         return model, tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.student)
@@ -176,9 +189,13 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, An
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
-        bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=t.lora.r,
+        lora_alpha=t.lora.alpha,
+        lora_dropout=t.lora.dropout,
+        target_modules=t.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora), tokenizer
 
 
@@ -292,7 +309,7 @@ def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Pat
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-    )  # fmt: skip
+    )
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
@@ -331,8 +348,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     if truncated:
         log.warning(
             "%d of %d examples are longer than train.max_length=%d; their answers were cut at the end",
-            truncated, len(dataset), t.max_length,
-        )  # fmt: skip
+            truncated,
+            len(dataset),
+            t.max_length,
+        )
 
     # `distill plan` and the trainer must agree: same parameter count, same step formula.
     plan = build_plan(cfg)
@@ -344,8 +363,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     steps = train_steps(len(dataset), cfg, world_size=args.world_size)
     if len(dataset) != cfg.generate.num_examples:
         log.warning("train split has %d examples, generate.num_examples is %d", len(dataset), cfg.generate.num_examples)
-    log.info("%s backend, %s, %d process(es), %d examples, %d steps, %s trainable parameters", backend,
-             "bf16" if bf16 else "fp32", args.world_size, len(dataset), steps, f"{trainable:,}")  # fmt: skip
+    log.info(
+        "%s backend, %s, %d process(es), %d examples, %d steps, %s trainable parameters",
+        backend,
+        "bf16" if bf16 else "fp32",
+        args.world_size,
+        len(dataset),
+        steps,
+        f"{trainable:,}",
+    )
 
     collator, coverage = attach_objective(cfg, model, tokenizer, dataset)
     callbacks = make_callbacks(model, log_path, steps)

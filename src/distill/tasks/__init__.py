@@ -126,7 +126,9 @@ def quality_score(violations: list[Violation], weights: Mapping[str, float]) -> 
     """1 for a valid answer; each distinct violated check costs its weight (floored at 0)."""
     checks = {v.check for v in violations}
     if unknown := checks - weights.keys():
-        raise TaskError(f"the task reported checks without a weight ({', '.join(sorted(unknown))}); give every check one")
+        raise TaskError(
+            f"the task reported checks without a weight ({', '.join(sorted(unknown))}); give every check one"
+        )
     # sorted: a set's order changes with the hash seed, and with it the float sum's last bit
     return max(0.0, 1.0 - sum(weights[c] for c in sorted(checks)))
 

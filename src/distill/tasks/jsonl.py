@@ -26,13 +26,52 @@ from distill.tasks import SPLITS, Example, Grammar, TaskBase, TaskError, Violati
 SCHEMA_WEIGHTS = {"required": 0.4, "type": 0.4, "additionalProperties": 0.1}
 OTHER_SCHEMA_WEIGHT = 0.2
 # what llama.cpp's schema converter turns into grammar; any other keyword is left to the checks
-GRAMMAR_KEYWORDS = frozenset({"$schema", "$id", "$ref", "$defs", "definitions", "$comment", "title", "description",
-                              "default", "examples", "type", "anyOf", "allOf", "const", "enum", "properties",
-                              "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
-                              "pattern", "minLength", "maxLength", "format"})  # fmt: skip
+GRAMMAR_KEYWORDS = frozenset(
+    {
+        "$schema",
+        "$id",
+        "$ref",
+        "$defs",
+        "definitions",
+        "$comment",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "type",
+        "anyOf",
+        "allOf",
+        "const",
+        "enum",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "format",
+    }
+)
 # keywords that only hold subschemas: their errors are reported by the keyword inside
-CONTAINERS = frozenset({"properties", "patternProperties", "items", "prefixItems", "if", "then", "else", "allOf",
-                        "$ref", "$dynamicRef", "dependentSchemas"})  # fmt: skip
+CONTAINERS = frozenset(
+    {
+        "properties",
+        "patternProperties",
+        "items",
+        "prefixItems",
+        "if",
+        "then",
+        "else",
+        "allOf",
+        "$ref",
+        "$dynamicRef",
+        "dependentSchemas",
+    }
+)
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -49,7 +88,9 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TaskError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); fix or delete that line") from None
+            raise TaskError(
+                f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); fix or delete that line"
+            ) from None
         if not isinstance(row, dict):
             raise TaskError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         rows.append((number, row))
@@ -60,7 +101,9 @@ def _template_fields(template: str) -> list[str]:
     try:
         return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as exc:
-        raise TaskError(f"task.prompt_template: {exc}; write fields as {{name}} and a literal brace as {{{{ or }}}}") from None
+        raise TaskError(
+            f"task.prompt_template: {exc}; write fields as {{name}} and a literal brace as {{{{ or }}}}"
+        ) from None
 
 
 def _bucket(group: str) -> float:
@@ -79,7 +122,9 @@ class JsonlTask(TaskBase):
         if (cfg.prompt_template is None) == (cfg.prompt_field is None):
             raise TaskError("task: set exactly one of task.prompt_template and task.prompt_field")
         if cfg.split_field is None and cfg.group_field is None:
-            raise TaskError("task: set task.split_field (a train/validation/test column) or task.group_field (split by hash)")
+            raise TaskError(
+                "task: set task.split_field (a train/validation/test column) or task.group_field (split by hash)"
+            )
         if cfg.json_schema is None and cfg.regex is None and cfg.choices is None:
             raise TaskError("task: set task.json_schema, task.regex or task.choices so answers can be checked")
         self.validator = self._load_schema(cfg.json_schema) if cfg.json_schema else None
@@ -113,7 +158,9 @@ class JsonlTask(TaskBase):
         except FileNotFoundError:
             raise TaskError(f"task.json_schema: {path} not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TaskError(f"{path}: the JSON Schema is not valid JSON ({exc}); task.json_schema must name a JSON file") from None
+            raise TaskError(
+                f"{path}: the JSON Schema is not valid JSON ({exc}); task.json_schema must name a JSON file"
+            ) from None
         cls = validator_for(schema)
         try:
             cls.check_schema(schema)
@@ -199,7 +246,13 @@ class JsonlTask(TaskBase):
                 raise TaskError(f"{where}: {c.split_field}={split!r}; use one of {', '.join(SPLITS)}")
         else:
             place = _bucket(group)
-            split = "test" if place < c.test_share else "validation" if place < c.test_share + c.validation_share else "train"
+            split = (
+                "test"
+                if place < c.test_share
+                else "validation"
+                if place < c.test_share + c.validation_share
+                else "train"
+            )
         index = len(self.splits[split])
         ex_id = str(column(c.id_field, "task.id_field")) if c.id_field else f"{split}-{index:06d}"
         reference = _answer_text(column(c.reference_field, "task.reference_field")) if c.reference_field else None
@@ -231,7 +284,9 @@ class JsonlTask(TaskBase):
                 return super().visit(schema, name)
 
             def _visit_pattern(self, pattern: str, name: str) -> str:
-                return self._add_rule(name, f'"\\"" ({regex_gbnf(pattern, dotall=False, json_string=True)}) "\\"" space')
+                return self._add_rule(
+                    name, f'"\\"" ({regex_gbnf(pattern, dotall=False, json_string=True)}) "\\"" space'
+                )
 
         c = self.cfg
         if c.choices is not None:

@@ -13,8 +13,19 @@ from typing import Any
 
 from distill.tasks import Task, TaskError
 
-REQUIRED = ("name", "unit", "weights", "agreement_titles", "reference_source", "size", "example", "check",
-            "agreement", "corpus", "self_instruct")  # fmt: skip
+REQUIRED = (
+    "name",
+    "unit",
+    "weights",
+    "agreement_titles",
+    "reference_source",
+    "size",
+    "example",
+    "check",
+    "agreement",
+    "corpus",
+    "self_instruct",
+)
 
 
 def load_python_task(cfg: Any, seed: int) -> Task:
@@ -30,7 +41,9 @@ def load_python_task(cfg: Any, seed: int) -> Task:
         ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TaskError(f"task.factory: '{module_name}' has no callable '{attr}'; name the function or class that builds your task")
+        raise TaskError(
+            f"task.factory: '{module_name}' has no callable '{attr}'; name the function or class that builds your task"
+        )
     try:
         task = factory(dict(cfg.options), seed)
     except TaskError:

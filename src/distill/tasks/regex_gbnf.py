@@ -20,8 +20,11 @@ CATEGORIES = {
     sre.CATEGORY_SPACE: [(0x09, 0x0D), (0x20, 0x20)],
     sre.CATEGORY_WORD: [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],  # ASCII: narrower than \w, never wider
 }
-NEGATED = {sre.CATEGORY_NOT_DIGIT: sre.CATEGORY_DIGIT, sre.CATEGORY_NOT_SPACE: sre.CATEGORY_SPACE,
-           sre.CATEGORY_NOT_WORD: sre.CATEGORY_WORD}  # fmt: skip
+NEGATED = {
+    sre.CATEGORY_NOT_DIGIT: sre.CATEGORY_DIGIT,
+    sre.CATEGORY_NOT_SPACE: sre.CATEGORY_SPACE,
+    sre.CATEGORY_NOT_WORD: sre.CATEGORY_WORD,
+}
 
 
 class RegexGrammarError(ValueError):

@@ -120,8 +120,9 @@ class OpenAITeacher:
             ids.append(self._token_id(step))
             # not always in falling order (vLLM may list the sampled token first); JSON has no -inf, so vLLM
             # writes -9999 for a token the grammar forbids
-            ranked = sorted(((float(c["logprob"]), self._token_id(c)) for c in step.get("top_logprobs", [])),
-                            reverse=True)[: self.top_k]  # fmt: skip
+            ranked = sorted(
+                ((float(c["logprob"]), self._token_id(c)) for c in step.get("top_logprobs", [])), reverse=True
+            )[: self.top_k]
             top_ids.append([token for _, token in ranked])
             top_values.append([value if value > -9999 else float("-inf") for value, _ in ranked])
         return TokenLogprobs(ids, top_ids, top_values)
@@ -140,7 +141,9 @@ class OpenAITeacher:
 
     def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(self._one, [inst["prompt"] for inst in instances], grammars or [None] * len(instances)))
+            return list(
+                pool.map(self._one, [inst["prompt"] for inst in instances], grammars or [None] * len(instances))
+            )
 
     def close(self) -> None:
         self.client.close()

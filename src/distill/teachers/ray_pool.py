@@ -49,7 +49,9 @@ class _Replica:
         torch.set_num_threads(threads)
         self.teacher = make_teacher(cfg, load_task(cfg))
 
-    def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None) -> tuple[list[Completion], float]:
+    def generate(
+        self, instances: list[dict[str, Any]], grammars: list[Grammar] | None
+    ) -> tuple[list[Completion], float]:
         start = time.perf_counter()
         return self.teacher.generate(instances, grammars), time.perf_counter() - start
 
@@ -69,14 +71,25 @@ class _LocalHead:
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.log = open(os.path.join(self.folder, "head.log"), "wb")  # noqa: SIM115 - closed in stop()
         self.head = subprocess.Popen(
-            [ray, "start", "--head", "--block", f"--port={port}", f"--num-cpus={max(1, int(cpus))}",
-             f"--temp-dir={self.folder}", "--include-dashboard=false", "--disable-usage-stats"],
-            stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
-        )  # fmt: skip
+            [
+                ray,
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--num-cpus={max(1, int(cpus))}",
+                f"--temp-dir={self.folder}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            start_new_session=True,
+        )
         self.reaper = subprocess.Popen(
             [sys.executable, "-m", "distill.reaper", str(os.getpid()), str(self.head.pid), self.folder],
             start_new_session=True,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _reachable(self.address):
             if self.head.poll() is not None or time.monotonic() > deadline:
@@ -140,16 +153,19 @@ class RayTeachers:
         self.terminated = False
         self.head = _LocalHead(r.actors * r.cpus_per_actor) if address is None else None
         try:
-            ray.init(address=self.head.address if self.head else address, log_to_driver=False,
-                     logging_level=logging.WARNING)  # fmt: skip
+            ray.init(
+                address=self.head.address if self.head else address, log_to_driver=False, logging_level=logging.WARNING
+            )
             # Ray's core worker takes SIGTERM for its crash dump (exit 1, no clean-up): SIGTERM ends the
             # command as it does without Ray, stopping the replicas and the head on the way out
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, self._on_sigterm)
             actor = ray.remote(
-                num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
+                num_cpus=r.cpus_per_actor,
+                num_gpus=r.gpus_per_actor,
+                max_restarts=r.max_restarts,
                 max_task_retries=r.max_restarts,
-            )(_Replica)  # fmt: skip
+            )(_Replica)
             threads = max(1, int(r.cpus_per_actor))
             self.replicas = [actor.remote(cfg, threads, os.getcwd()) for _ in range(r.actors)]
             ray.get([replica.ready.remote() for replica in self.replicas])
@@ -172,8 +188,10 @@ class RayTeachers:
         import ray
 
         size = -(-len(instances) // len(self.replicas))  # contiguous shares, in order
-        shares = [(instances[i : i + size], grammars[i : i + size] if grammars else None)
-                  for i in range(0, len(instances), size)]  # fmt: skip
+        shares = [
+            (instances[i : i + size], grammars[i : i + size] if grammars else None)
+            for i in range(0, len(instances), size)
+        ]
         refs = [replica.generate.remote(share, g) for replica, (share, g) in zip(self.replicas, shares)]
         out: list[Completion] = []
         for k, ((share, _), ref) in enumerate(zip(shares, refs)):
@@ -204,10 +222,12 @@ class RayTeachers:
     def throughput(self) -> list[dict[str, float]]:
         """Examples/s and output tokens/s of each replica so far (time inside its teacher)."""
         return [
-            {"examples_per_s": round(s["examples"] / s["seconds"], 2) if s["seconds"] else 0.0,
-             "tokens_per_s": round(s["output_tokens"] / s["seconds"], 1) if s["seconds"] else 0.0}
+            {
+                "examples_per_s": round(s["examples"] / s["seconds"], 2) if s["seconds"] else 0.0,
+                "tokens_per_s": round(s["output_tokens"] / s["seconds"], 1) if s["seconds"] else 0.0,
+            }
             for s in self.per_actor
-        ]  # fmt: skip
+        ]
 
     def close(self) -> None:
         import ray

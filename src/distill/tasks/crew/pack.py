@@ -7,7 +7,7 @@ never reaches training. Reference answers come from the rule-based planner.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from distill.tasks import Example, Grammar, SelfInstruct, TaskError, Violation
 from distill.tasks.crew.catalog import DATA_DIR, load_catalog
@@ -31,7 +31,7 @@ ASK = (
 )
 WITH_REQUEST = {
     "en": 'The crew member also writes: "{request}" Where this differs from the profile, follow the profile.',
-    "ru": 'Член экипажа также пишет: «{request}» Где это расходится с профилем, следуйте профилю.',
+    "ru": "Член экипажа также пишет: «{request}» Где это расходится с профилем, следуйте профилю.",
 }
 
 
@@ -39,7 +39,10 @@ class CrewTask:
     name = "crew"
     unit = "program"
     weights = WEIGHTS
-    agreement_titles = {"split_match": "split = teacher", "exercise_overlap": "exercise overlap"}
+    agreement_titles: ClassVar[dict[str, str]] = {
+        "split_match": "split = teacher",
+        "exercise_overlap": "exercise overlap",
+    }
     reference_source = "the crew pack's rule-based planner"
     grammar_leaves = LEAVES
 
@@ -53,9 +56,13 @@ class CrewTask:
     def example(self, split: str, index: int) -> Example:
         c = self.cfg
         inst = make_instance(
-            self.seed + STREAM[split] * STREAM_SEED_OFFSET, index, self.catalog, lang=c.language,
-            catalog_mode=c.catalog_mode, history_len=c.history_len,
-        )  # fmt: skip
+            self.seed + STREAM[split] * STREAM_SEED_OFFSET,
+            index,
+            self.catalog,
+            lang=c.language,
+            catalog_mode=c.catalog_mode,
+            history_len=c.history_len,
+        )
         history = [LoggedWorkout.from_dict(w) for w in inst["history"]]
         program = plan_program(Profile.from_dict(inst["profile"]), history, self.catalog)
         return Example(
@@ -109,4 +116,6 @@ class CrewTask:
             head, _, rest = prompt.partition("\n")  # after the opening line, before the profile
             return f"{head}\n{template.format(request=request)}\n{rest}"
 
-        return SelfInstruct(ask=self.cfg.request_ask or ASK, seeds=DATA_DIR / "seed_tasks.jsonl", with_request=with_request)
+        return SelfInstruct(
+            ask=self.cfg.request_ask or ASK, seeds=DATA_DIR / "seed_tasks.jsonl", with_request=with_request
+        )

@@ -14,9 +14,16 @@ from distill.tasks.crew.history import LEVEL_LOAD, LoggedExercise, LoggedWorkout
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import Prescription, Program, Workout
 from distill.tasks.crew.rules import (
-    FOCUS_SLOTS, GOAL_SCHEMES, fits_pattern, load_step, next_focuses, progressed_load, round_load, scheme_for,
+    FOCUS_SLOTS,
+    GOAL_SCHEMES,
+    fits_pattern,
+    load_step,
+    next_focuses,
+    progressed_load,
+    round_load,
+    scheme_for,
     unsafe_reasons,
-)  # fmt: skip
+)
 
 
 def select_exercises(
@@ -70,7 +77,9 @@ def plan_program(profile: Profile, history: list[LoggedWorkout], catalog: Catalo
     for focus in next_focuses(profile, len(history)):
         recent = next((w for w in reversed(history) if w.focus == focus), None)
         preferred = tuple(e.exercise_id for e in recent.exercises) if recent else ()
-        items = [_prescribe(ex, profile, last_logs.get(ex.id)) for ex in select_exercises(catalog, profile, focus, preferred)]
+        items = [
+            _prescribe(ex, profile, last_logs.get(ex.id)) for ex in select_exercises(catalog, profile, focus, preferred)
+        ]
         finisher = _finisher(catalog, profile)
         if finisher is not None:
             items.append(finisher)

@@ -108,7 +108,9 @@ def parse_program(text: str) -> Program:
             p = Prescription(ex_id, sets, seconds=amount, rest_s=int(item.group("hold_rest")))
         else:
             load = item.group("load")
-            p = Prescription(ex_id, sets, reps=amount, load_kg=float(load) if load else None, rest_s=int(item.group("rest")))
+            p = Prescription(
+                ex_id, sets, reps=amount, load_kg=float(load) if load else None, rest_s=int(item.group("rest"))
+            )
         workouts[-1][1].append(p)
     if not workouts:
         raise ProgramParseError(1, "no 'Workout N: focus' header found")
@@ -118,7 +120,10 @@ def parse_program(text: str) -> Program:
 def program_to_json(program: Program) -> dict[str, Any]:
     return {
         "workouts": [
-            {"focus": w.focus, "exercises": [{k: v for k, v in asdict(p).items() if v is not None} for p in w.exercises]}
+            {
+                "focus": w.focus,
+                "exercises": [{k: v for k, v in asdict(p).items() if v is not None} for p in w.exercises],
+            }
             for w in program.workouts
         ]
     }
@@ -126,8 +131,5 @@ def program_to_json(program: Program) -> dict[str, Any]:
 
 def program_from_json(data: dict[str, Any]) -> Program:
     return Program(
-        tuple(
-            Workout(w["focus"], tuple(Prescription(**p) for p in w["exercises"]))
-            for w in data["workouts"]
-        )
+        tuple(Workout(w["focus"], tuple(Prescription(**p) for p in w["exercises"])) for w in data["workouts"])
     )

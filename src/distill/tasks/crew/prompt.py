@@ -9,8 +9,16 @@ from distill.tasks.crew.history import LoggedWorkout, sample_history
 from distill.tasks.crew.profile import Profile, sample_profile
 from distill.tasks.crew.program import WORDS
 from distill.tasks.crew.rules import (
-    CORE_REPS, GOAL_SCHEMES, HOLD, MAX_EXERCISES, MIN_EXERCISES, WORKOUTS, next_focuses, split_for, unsafe_reasons,
-)  # fmt: skip
+    CORE_REPS,
+    GOAL_SCHEMES,
+    HOLD,
+    MAX_EXERCISES,
+    MIN_EXERCISES,
+    WORKOUTS,
+    next_focuses,
+    split_for,
+    unsafe_reasons,
+)
 
 TEXT = {
     "en": {
@@ -32,9 +40,13 @@ TEXT = {
         ),
         "cardio": ", then one cardio finisher of {m} min",
         "format": "Answer with the program only, in exactly this format:",
-        "example": ("Workout 1: <focus>", "- <exercise_id>: <sets>x<reps> @ <load> kg, rest <seconds> s",
-                    "- <exercise_id>: <sets>x<reps>, rest <seconds> s", "- <exercise_id>: <sets>x<seconds> s, rest <seconds> s",
-                    "- <exercise_id>: 1x<minutes> min"),
+        "example": (
+            "Workout 1: <focus>",
+            "- <exercise_id>: <sets>x<reps> @ <load> kg, rest <seconds> s",
+            "- <exercise_id>: <sets>x<reps>, rest <seconds> s",
+            "- <exercise_id>: <sets>x<seconds> s, rest <seconds> s",
+            "- <exercise_id>: 1x<minutes> min",
+        ),
     },
     "ru": {
         "intro": "Вы тренер по физической подготовке лётного и кабинного экипажа. Составьте следующие {n} тренировки для этого члена экипажа.",
@@ -55,12 +67,19 @@ TEXT = {
         ),
         "cardio": ", затем одно кардио на {m} мин",
         "format": "Ответьте только программой, строго в таком формате:",
-        "example": ("Тренировка 1: <focus>", "- <exercise_id>: <подходы>x<повторения> @ <вес> кг, отдых <секунды> с",
-                    "- <exercise_id>: <подходы>x<повторения>, отдых <секунды> с", "- <exercise_id>: <подходы>x<секунды> с, отдых <секунды> с",
-                    "- <exercise_id>: 1x<минуты> мин"),
+        "example": (
+            "Тренировка 1: <focus>",
+            "- <exercise_id>: <подходы>x<повторения> @ <вес> кг, отдых <секунды> с",
+            "- <exercise_id>: <подходы>x<повторения>, отдых <секунды> с",
+            "- <exercise_id>: <подходы>x<секунды> с, отдых <секунды> с",
+            "- <exercise_id>: 1x<минуты> мин",
+        ),
     },
 }
-ROLE_NAMES = {"en": {"pilot": "pilot", "cabin_crew": "cabin crew"}, "ru": {"pilot": "пилот", "cabin_crew": "бортпроводник"}}
+ROLE_NAMES = {
+    "en": {"pilot": "pilot", "cabin_crew": "cabin crew"},
+    "ru": {"pilot": "пилот", "cabin_crew": "бортпроводник"},
+}
 
 
 def _span(bounds: tuple[int, int]) -> str:

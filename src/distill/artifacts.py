@@ -1,25 +1,34 @@
-"""Stage output folders and their manifests.
+"""Stage output folders, their manifests, and the one protocol every stage runs by.
 
 Each stage writes `<run>/<stage>/manifest.json` last, through an atomic rename, with
 `complete: true`. A folder without it is partial (resumable); one whose config fingerprint differs
-from the current config is stale and needs `--overwrite`.
+from the current config is stale and needs `--overwrite`. A stage's `run` calls `open_stage` (inputs
+checked, skip / resume / fresh decided, folder claimed, config logged), fills in the returned record
+and ends with `record.finish()`; whole folders and files it writes go through `atomic_dir` / `atomic_file`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError, StageInputError
+from distill.stages import inputs as stage_inputs
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FINGERPRINT = ".fingerprint"  # written when a stage starts, so a partial output can't be resumed with another config
@@ -132,15 +141,28 @@ def require_input(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     return manifest
 
 
-def prepare_output(cfg: PipelineConfig, stage: str, overwrite: bool) -> str:
-    """Decide what a stage should do with its folder: 'skip', 'resume' or 'fresh' (cleared when overwriting)."""
+class Start(StrEnum):
+    """What a stage does with its folder."""
+
+    SKIP = "skip"  # complete for this config
+    RESUME = "resume"  # partial output of this config: continue it
+    FRESH = "fresh"  # nothing yet (or just cleared by --overwrite)
+
+
+def require_inputs(cfg: PipelineConfig, stage: str) -> dict[str, dict[str, Any]]:
+    """The manifests of every upstream stage the registry names for `stage`, each finished for this config."""
+    return {name: require_input(cfg, name) for name in stage_inputs(cfg, stage)}
+
+
+def prepare_output(cfg: PipelineConfig, stage: str, overwrite: bool) -> Start:
+    """Decide what a stage should do with its folder (cleared first when overwriting) and claim it."""
     folder = stage_dir(cfg, stage)
     status = stage_status(cfg, stage)
     if overwrite and folder.exists():
         shutil.rmtree(folder)
         status = "missing"
     if status == "complete":
-        return "skip"
+        return Start.SKIP
     fingerprint = folder / FINGERPRINT
     if status == "partial" and fingerprint.is_file() and fingerprint.read_text() != cfg.stage_fingerprint(stage):
         has_output = any(p.is_file() and p.name != FINGERPRINT for p in folder.rglob("*"))
@@ -153,15 +175,59 @@ def prepare_output(cfg: PipelineConfig, stage: str, overwrite: bool) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     if status == "missing" or not fingerprint.is_file():  # a start that wrote nothing leaves no claim
         atomic_write_text(fingerprint, cfg.stage_fingerprint(stage))
-    return "resume" if status == "partial" else "fresh"
+    return Start.RESUME if status == "partial" else Start.FRESH
+
+
+def open_stage(cfg: PipelineConfig, stage: str, overwrite: bool, settings: Any = None) -> StageRecord | None:
+    """The start every stage shares: upstream outputs complete, the folder claimed for this config and the
+    settings logged. Returns the record to fill, or None when the output is already complete. Checks that
+    must not touch the folder (bad input) belong before this call."""
+    require_inputs(cfg, stage)
+    start = prepare_output(cfg, stage, overwrite)
+    label = stage.replace("/", " ")  # eval/merged -> "eval merged"
+    if start is Start.SKIP:
+        log.info("%s: complete, skipping (%s)", label, stage_dir(cfg, stage))
+        return None
+    section = stage.split("/")[0]
+    log.info("%s config: %s", section, (settings if settings is not None else getattr(cfg, section)).model_dump())
+    return StageRecord(cfg, stage, start)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A folder to fill that replaces `target` in one rename when the block ends without error; on error (or
+    Ctrl-C) it is removed and `target` is as it was. A crash leaves only `<target>.partial`, cleared next time."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """As `atomic_dir`, for one file."""
+    tmp = target.with_name(target.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
 
 
 class StageRecord:
     """Collects what a stage did and writes its manifest, `complete: true` last."""
 
-    def __init__(self, cfg: PipelineConfig, stage: str, inputs: tuple[str, ...] = ()):
+    def __init__(self, cfg: PipelineConfig, stage: str, start: Start = Start.FRESH):
         self.cfg = cfg
         self.stage = stage
+        self.start = start
         self.folder = stage_dir(cfg, stage)
         self.started = time.time()
         self.metrics: dict[str, Any] = {}
@@ -171,7 +237,7 @@ class StageRecord:
                 "path": str(stage_dir(cfg, name)),
                 "manifest_sha256": file_sha256(stage_dir(cfg, name) / MANIFEST),
             }
-            for name in inputs
+            for name in stage_inputs(cfg, stage)
         }
 
     def finish(self) -> Path:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from distill.errors import ConfigError, DistillError, Terminated
+from distill.stages import MODELS, STAGES
 
 app = typer.Typer(
     help="Distill a large teacher LLM into a small student that serves on a small GPU.",
@@ -89,7 +90,7 @@ def _run_stage(stage: str, config: Path, overrides: list[str] | None, overwrite:
 
 
 # Stage commands: one thin command per stage, in pipeline order.
-@app.command()
+@app.command(help=STAGES["generate"].help)
 def generate(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -99,29 +100,25 @@ def generate(
         bool, typer.Option("--merge-shards", help="Combine finished shards into the dataset.")
     ] = False,
 ) -> None:
-    """The teacher writes the training data: accepted/rejected examples, splits, statistics."""
     _run_stage("generate", config, overrides, overwrite, shard=shard, merge_shards=merge_shards)
 
 
-@app.command()
+@app.command(help=STAGES["merge"].help)
 def merge(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    """Fold the LoRA adapter into the base model; checks the logits are unchanged."""
     _run_stage("merge", config, overrides, overwrite)
 
 
-@app.command()
+@app.command(help=STAGES["prune"].help)
 def prune(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    """Compact variant: L1-prune every Linear/Conv1D weight of the merged model; sparsity per layer."""
     _run_stage("prune", config, overrides, overwrite)
 
 
-@app.command()
+@app.command(help=STAGES["export"].help)
 def export(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    """Write the merged model as GGUF (Q8_0 by default) and verify it in llama.cpp."""
     _run_stage("export", config, overrides, overwrite)
 
 
-@app.command()
+@app.command(help=STAGES["serve"].help)
 def serve(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -129,21 +126,19 @@ def serve(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print both fleets' plans; start nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan the paper's n processes and one server with N slots on the same GPU budget, then measure both
-    under the same swept load (latency percentiles, goodput within serve.slo_ms, capacity, memory)."""
     if not dry_run:
         _run_stage("serve", config, overrides, overwrite)
         return
 
     def body() -> None:
         from distill.artifacts import is_complete
+        from distill.models import served_model, weights_bytes
         from distill.serving.memory import check_backend, format_plan, plan_serving
-        from distill.stages.serve import model_bytes, served_model
 
         cfg = _load(config, overrides)
         check_backend(cfg)
         upstream = "export" if cfg.serve.backend == "llama_cpp" else "merge"
-        size = model_bytes(served_model(cfg)) if is_complete(cfg, upstream) else None
+        size = weights_bytes(served_model(cfg)) if is_complete(cfg, upstream) else None
         result = plan_serving(cfg, model_bytes=size)
         if as_json:
             console.print_json(json.dumps(result))
@@ -175,20 +170,18 @@ def deploy(
     _guard(body)
 
 
-@app.command()
+@app.command(help=STAGES["train"].help)
 def train(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    """Label-masked SFT of the student (LoRA + 8-bit AdamW by default); resumes from checkpoints."""
     _run_stage("train", config, overrides, overwrite)
 
 
-@app.command("eval")
+@app.command("eval", help=STAGES["eval"].help)
 def eval_(
     config: ConfigArg,
     overrides: OverridesArg = None,
     overwrite: OverwriteOpt = False,
-    model: Annotated[str, typer.Option(help="teacher, base, adapter, merged, pruned, gguf or int8.")] = "merged",
+    model: Annotated[str, typer.Option(help=", ".join(MODELS) + ".")] = "merged",
 ) -> None:
-    """Score one model's answers to held-out test inputs: validity, violations, agreement, perplexity, latency."""
     _run_stage("eval", config, overrides, overwrite, model=model)
 
 

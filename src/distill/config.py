@@ -16,30 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from distill.errors import ConfigError
-
-STAGES = ("generate", "train", "merge", "prune", "export", "serve", "eval")
-# Which config sections each stage's output depends on, upstream included: a change there makes it stale.
-STAGE_SECTIONS = {
-    "generate": ("generate",),
-    "train": ("generate", "train"),
-    "merge": ("generate", "train", "merge"),
-    "prune": ("generate", "train", "merge", "prune"),
-    "export": ("generate", "train", "merge", "prune", "export"),
-    "serve": ("generate", "train", "merge", "prune", "export", "serve"),
-    "eval": ("generate", "train", "merge", "prune", "export", "eval"),
-}
-
-
-# The stage each evaluated model comes from; `eval/<model>` is stale when that stage's settings change.
-EVAL_MODELS = {
-    "teacher": "generate",
-    "base": "generate",
-    "adapter": "train",
-    "merged": "merge",
-    "pruned": "prune",
-    "gguf": "export",
-    "int8": "export",
-}
+from distill.stages import MODELS, sections
 
 
 class Strict(BaseModel):
@@ -428,7 +405,7 @@ class ServeConfig(Strict):
 class EvalConfig(Strict):
     """Held-out quality of any stage's model."""
 
-    models: list[Literal["teacher", "base", "adapter", "merged", "pruned", "gguf", "int8"]] = Field(
+    models: list[Literal[tuple(MODELS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["teacher", "base", "merged", "gguf"],
         description="Models `distill run` evaluates, in order (`distill eval --model` picks one).",
     )
@@ -482,11 +459,7 @@ class PipelineConfig(Strict):
     def stage_fingerprint(self, stage: str) -> str:
         """Hash of the settings a stage's output depends on; a change means the output is stale."""
         data = self.model_dump(mode="json")
-        if stage.startswith("eval/"):
-            sections = (*STAGE_SECTIONS[EVAL_MODELS[stage.removeprefix("eval/")]], "eval")
-        else:
-            sections = STAGE_SECTIONS[stage]
-        subset = {k: data[k] for k in ("seed", "models", "task", *sections)}
+        subset = {k: data[k] for k in ("seed", "models", "task", *sections(stage))}
         subset.get("eval", {}).pop("models", None)  # which models to evaluate does not change any result
         for key in ("engine", "ray"):  # nor where the teacher runs: a run started here may continue on Ray
             subset.get("generate", {}).pop(key, None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
@@ -10,45 +9,40 @@ from distill.artifacts import stage_status
 from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.models import ensure_models
+from distill.stages import STAGES, eval_stage
 
 log = logging.getLogger(__name__)
 
-PIPELINE = ("generate", "train", "merge", "prune", "export", "serve", "eval")
-
 
 def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
+    order = tuple(STAGES)
     for name, value in (("--from", start), ("--until", until)):
-        if value is not None and value not in PIPELINE:
-            raise DistillError(f"{name} {value}: unknown stage; use one of {', '.join(PIPELINE)}")
-    first = PIPELINE.index(start) if start else 0
-    last = PIPELINE.index(until) if until else len(PIPELINE) - 1
+        if value is not None and value not in STAGES:
+            raise DistillError(f"{name} {value}: unknown stage; use one of {', '.join(order)}")
+    first = order.index(start) if start else 0
+    last = order.index(until) if until else len(order) - 1
     if first > last:
         raise DistillError(f"--from {start} comes after --until {until}; swap them")
-    return PIPELINE[first : last + 1]
-
-
-def enabled(cfg: PipelineConfig, stage: str) -> bool:
-    """Pruning belongs to the compact variant only."""
-    return stage != "prune" or cfg.prune.enabled
+    return order[first : last + 1]
 
 
 def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> Path:
     """Each selected stage in order; a complete one is skipped, a partial one resumes. Returns REPORT.md."""
     from distill.report import write_report
-    from distill.stages.eval import check_eval_models, eval_stage
-    from distill.stages.eval import run as evaluate
+    from distill.stages.eval import check_eval_models
 
     stages = select_stages(start, until)
     check_eval_models(cfg)
     ensure_models(cfg)
-    for stage in stages:
-        if not enabled(cfg, stage):
+    for name in stages:
+        stage = STAGES[name]
+        if not stage.enabled(cfg):
             continue
-        if stage == "eval":
+        if name == "eval":  # one output per model the config evaluates
             for model in cfg.eval.models:
                 log.info("── eval %s (%s)", model, stage_status(cfg, eval_stage(model)))
-                evaluate(cfg, model=model)
+                stage.run(cfg, model=model)
             continue
-        log.info("── %s (%s)", stage, stage_status(cfg, stage))
-        importlib.import_module(f"distill.stages.{stage}").run(cfg)
+        log.info("── %s (%s)", name, stage_status(cfg, name))
+        stage.run(cfg)
     return write_report(cfg)

@@ -199,7 +199,7 @@ def _grammar_note(task: Task, results: dict[str, Any]) -> str:
 
 
 def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
-    from distill.stages.eval import comparison_table, evaluated
+    from distill.comparison import comparison_table, evaluated
 
     results = evaluated(cfg)
     if not results:

@@ -14,7 +14,8 @@ from typing import Any
 
 from distill.artifacts import require_input, stage_dir
 from distill.config import PipelineConfig
-from distill.serving.fleet import SERVED_NAME, Server, claim_ports, make_servers, restart_dead, running
+from distill.models import served_model
+from distill.serving.fleet import SERVED_NAME, Server, claim_ports, fleet_label, make_servers, restart_dead, running
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 1.0
@@ -90,7 +91,6 @@ class Front:
 
 
 def deploy(cfg: PipelineConfig, port: int, announce: Callable[[str], None]) -> None:
-    from distill.stages.serve import fleet_label, served_model
 
     require_input(cfg, "serve")
     best = json.loads((stage_dir(cfg, "serve") / "report.json").read_text(encoding="utf-8"))["best"]

@@ -354,3 +354,12 @@ def scrape_metrics(server: Server) -> dict[str, float]:
         with suppress(ValueError):
             values[name.split("{")[0]] = float(value)
     return values
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
+def fleet_label(fleet: str, servers: int, slots: int) -> str:
+    """ "5 processes x 1 slot" or "1 server x 180 slots"."""
+    return f"{_count(servers, 'server' if fleet == 'slots' else 'process')} x {_count(slots, 'slot')}"

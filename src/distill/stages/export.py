@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, prepare_output, require_input, stage_dir
+from distill.artifacts import atomic_dir, atomic_file, open_stage, stage_dir
 from distill.config import PipelineConfig
+from distill.data import check_prompts
 from distill.errors import DistillError
+from distill.int8 import INT8_DIR, INT8_FILE, load_int8, write_int8
+from distill.models import weights_bytes
+from distill.runtimes import llama_cpp
+from distill.stages import STAGES
 
 log = logging.getLogger(__name__)
-
-
-def llama_cpp(stage: str) -> Any:
-    """The llama_cpp module, or a one-line error naming the fix (it is built from source, so it can be missing)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise DistillError(
-            f"{stage}: llama-cpp-python is not installed; run `make setup` (it builds and caches the wheel)"
-        ) from None
-    return llama_cpp
 
 
 def gguf_name(cfg: PipelineConfig) -> str:
@@ -69,102 +62,6 @@ def verify(model_dir: Path, gguf_path: Path, prompts: list[list[int]], tokenizer
     }
 
 
-INT8_DIR = "int8"
-INT8_FILE = "model.safetensors"
-
-
-def _to_linear(model: Any) -> Any:
-    """GPT-2's Conv1D is a Linear with a transposed weight; dynamic quantization only knows nn.Linear."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Conv1D):
-            linear = torch.nn.Linear(module.weight.shape[0], module.weight.shape[1])
-            linear.weight.data = module.weight.data.t().contiguous()
-            linear.bias.data = module.bias.data
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    return model
-
-
-def _quantize(model: Any) -> Any:
-    import torch
-    from torch.ao.quantization import quantize_dynamic
-
-    if "fbgemm" in torch.backends.quantized.supported_engines:  # x86; ARM machines keep their default
-        torch.backends.quantized.engine = "fbgemm"
-    return quantize_dynamic(_to_linear(model), {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def _int8_tensors(model: Any) -> dict[str, Any]:
-    """Plain tensors of a dynamically quantized model, for safetensors: each quantized Linear as its int8
-    weights, per-tensor scale and zero point (and float bias); every other parameter and buffer as is.
-    Pickling quantized tensors instead depends on import order (torch.per_tensor_affine has no module)."""
-    import torch
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DynamicLinear):
-            weight, bias = module._weight_bias()
-            tensors[f"{name}.qweight"] = weight.int_repr().contiguous()
-            tensors[f"{name}.qscale"] = torch.tensor(weight.q_scale(), dtype=torch.float64)
-            tensors[f"{name}.qzero_point"] = torch.tensor(weight.q_zero_point())
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.detach().contiguous()
-    tensors |= {name: t.detach().contiguous() for name, t in (*model.named_parameters(), *model.named_buffers())}
-    return tensors
-
-
-def load_int8(folder: Path) -> Any:
-    """The int8 model written by `write_int8`: the architecture rebuilt from config.json, quantized the
-    same way, then the stored int8 weights and float tensors put in place."""
-    import torch
-    from safetensors.torch import load_file
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    model = _quantize(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-    # from_config derives one from config.json alone: the stop tokens of the chat turn would be lost
-    model.generation_config = GenerationConfig.from_pretrained(folder)
-    tensors = load_file(folder / INT8_FILE)
-    for name, module in model.named_modules():
-        if isinstance(module, DynamicLinear):
-            weight = torch._make_per_tensor_quantized_tensor(
-                tensors.pop(f"{name}.qweight"),
-                float(tensors.pop(f"{name}.qscale")),
-                int(tensors.pop(f"{name}.qzero_point")),
-            )
-            module.set_weight_bias(weight, tensors.pop(f"{name}.bias", None))
-    floats = dict(model.named_parameters()) | dict(model.named_buffers())
-    if set(tensors) != set(floats):
-        raise DistillError(
-            f"{folder / INT8_FILE}: does not match config.json (differing tensors: "
-            f"{sorted(set(tensors) ^ set(floats))[:3]}); re-run `distill export ... --overwrite`"
-        )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            floats[name].copy_(tensor)
-    return model.eval()
-
-
-def write_int8(model_dir: Path, target: Path) -> None:
-    """PyTorch dynamic int8 of the (merged or pruned) model: int8 Linear weights, activations quantized
-    on the fly; embeddings and norms stay float32."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    target.mkdir(parents=True)
-    model.config.save_pretrained(target)
-    model.generation_config.save_pretrained(target)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
-    save_file(_int8_tensors(_quantize(model)), target / INT8_FILE)
-
-
 def verify_int8(model_dir: Path, int8_dir: Path, prompts: list[list[int]]) -> dict[str, Any]:
     """Next-token agreement of the reloaded int8 model with the float model it came from."""
     import torch
@@ -200,11 +97,6 @@ def agreement_problems(cfg: PipelineConfig, checks: dict[str, Any]) -> list[str]
     return problems
 
 
-def source_stage(cfg: PipelineConfig) -> str:
-    """The compact variant exports the pruned model, the LoRA pipeline the merged one."""
-    return "prune" if cfg.prune.enabled else "merge"
-
-
 def known_teacher_params(cfg: PipelineConfig) -> int | None:
     """The teacher's size where a model wrote the data and its architecture is at hand (an API teacher
     without `models.teacher_arch` has none): the compression ratio is reported only then."""
@@ -224,51 +116,37 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
 
     from distill.gguf_writer import write_gguf
     from distill.plan import meta_model
-    from distill.stages.merge import check_prompts
 
-    folder = stage_dir(cfg, "export")
-    source = source_stage(cfg)
-    require_input(cfg, source)
-    if prepare_output(cfg, "export", overwrite) == "skip":
-        log.info("export: complete, skipping (%s)", folder)
-        return folder
-    log.info("export config: %s", cfg.export.model_dump())
-    record = StageRecord(cfg, "export", inputs=(source,))
+    record = open_stage(cfg, "export", overwrite)
+    if record is None:
+        return stage_dir(cfg, "export")
+    (source,) = STAGES["export"].inputs(cfg)
     model_dir = stage_dir(cfg, source) / "model"
-    target = folder / gguf_name(cfg)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    try:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = check_prompts(cfg, tokenizer, cfg.export.check_prompts)
+    target = record.folder / gguf_name(cfg)
+    with atomic_file(target) as tmp:
         written = write_gguf(model_dir, tmp, cfg.export.format)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        checks = verify(model_dir, tmp, check_prompts(cfg, tokenizer, cfg.export.check_prompts), tokenizer)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    problems = agreement_problems(cfg, checks)
-    if checks["tokenization_match"] < 1.0:
-        problems.insert(0, f"llama.cpp tokenizes {1 - checks['tokenization_match']:.0%} of prompts differently from HF")
-    if problems:
-        tmp.unlink(missing_ok=True)
-        raise DistillError(f"export: {target.name} failed verification: " + "; ".join(problems))
-    os.replace(tmp, target)
+        checks = verify(model_dir, tmp, prompts, tokenizer)
+        problems = agreement_problems(cfg, checks)
+        if checks["tokenization_match"] < 1.0:
+            problems.insert(
+                0, f"llama.cpp tokenizes {1 - checks['tokenization_match']:.0%} of prompts differently from HF"
+            )
+        if problems:
+            raise DistillError(f"export: {target.name} failed verification: " + "; ".join(problems))
     record.files = {"gguf": target.name}
     if cfg.export.torch_int8:
-        int8_dir = folder / INT8_DIR
-        staging = folder / f"{INT8_DIR}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(int8_dir, ignore_errors=True)
-        write_int8(model_dir, staging)
-        staging.rename(int8_dir)
+        with atomic_dir(record.folder / INT8_DIR) as staging:
+            write_int8(model_dir, staging)
+            int8_checks = verify_int8(model_dir, staging, prompts)
+            if problems := agreement_problems(cfg, int8_checks):
+                raise DistillError("export: the torch int8 model failed verification: " + "; ".join(problems))
         record.files["int8"] = INT8_DIR
-        record.metrics["int8_bytes"] = (int8_dir / INT8_FILE).stat().st_size
-        int8_checks = verify_int8(model_dir, int8_dir, check_prompts(cfg, tokenizer, cfg.export.check_prompts))
-        if problems := agreement_problems(cfg, int8_checks):
-            shutil.rmtree(int8_dir)
-            raise DistillError("export: the torch int8 model failed verification: " + "; ".join(problems))
+        record.metrics["int8_bytes"] = (record.folder / INT8_DIR / INT8_FILE).stat().st_size
         record.metrics["int8_verification"] = int8_checks
 
-    safetensors = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    safetensors = weights_bytes(model_dir)
     teacher_params = known_teacher_params(cfg)
     student_params = sum(p.numel() for p in meta_model(cfg, "student").parameters())
     record.metrics |= {

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, atomic_write_json, prepare_output, stage_dir
+from distill.artifacts import StageRecord, atomic_dir, atomic_write_json, open_stage, stage_dir
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, task_grammar
+from distill.data import read_records
 from distill.dedup import NearDuplicateIndex
 from distill.errors import DistillError
 from distill.kd import COLUMNS, pack, unpack
@@ -111,30 +112,6 @@ class ShardState:
     accepted: Counter = field(default_factory=Counter)
     attempts: Counter = field(default_factory=Counter)
     accepted_records: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Records with their line numbers. A torn last line (a write cut by a crash) is cut off; any
-    other unreadable line is an error naming file and line, and nothing is changed."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]
-    for number, raw in enumerate(complete, 1):
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict) or "id" not in record or "split" not in record:
-                raise ValueError("not a record")
-        except ValueError as exc:
-            raise DistillError(
-                f"{path}:{number}: corrupt record ({exc}); fix or delete that line, or re-run with --overwrite"
-            ) from None
-        yield number, record
-    if tail:
-        log.warning("%s: dropping an unfinished last line left by an interrupted run", path)
-        with path.open("r+b") as fh:
-            fh.truncate(len(data) - len(tail))
 
 
 def load_state(path: Path) -> ShardState:
@@ -382,19 +359,17 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         raise DistillError(
             f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off"
         )
-    if shard is not None and overwrite:
-        shutil.rmtree(folder / "shards" / part.name, ignore_errors=True)
-    action = prepare_output(cfg, "generate", overwrite and shard is None and not merge_shards)
-    if action == "skip":
-        log.info("generate: complete, skipping (%s)", folder)
-        return folder
-    log.info("generate config: %s", cfg.generate.model_dump())
     if cfg.generate.self_instruct.enabled and cfg.generate.backend == "reference":
         raise DistillError(
             "generate.self_instruct.enabled needs a language-model teacher; the reference backend cannot write requests"
         )
+    if shard is not None and overwrite:
+        shutil.rmtree(folder / "shards" / part.name, ignore_errors=True)
+    record = open_stage(cfg, "generate", overwrite and shard is None and not merge_shards)
+    if record is None:
+        return folder
     if merge_shards:
-        return merge(cfg, folder)
+        return merge(cfg, record)
     ensure_models(cfg)
     state = run_shard(cfg, task, part, folder)
     if not shard_complete(cfg, part, state):
@@ -403,7 +378,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         folder / "shards" / part.name / "done.json",
         {"accepted": dict(state.accepted), "attempts": dict(state.attempts)},
     )
-    if part.count > 1:
+    if part.count > 1:  # the manifest waits for --merge-shards
         log.info(
             "shard %s done; when all %d shards are, run `distill generate %s --merge-shards`",
             part.name,
@@ -411,11 +386,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
             cfg.command_args,
         )
         return folder / "shards" / part.name
-    return merge(cfg, folder)
+    return merge(cfg, record)
 
 
-def merge(cfg: PipelineConfig, folder: Path) -> Path:
+def merge(cfg: PipelineConfig, record: StageRecord) -> Path:
     """Combine finished shards into the dataset, checking that nothing is missing or doubled."""
+    folder = record.folder
     shard_dirs = sorted((folder / "shards").glob("shard-*-of-*")) if (folder / "shards").exists() else []
     counts = {int(d.name.rsplit("-", 1)[1]) for d in shard_dirs}
     if len(counts) != 1:
@@ -427,7 +403,6 @@ def merge(cfg: PipelineConfig, folder: Path) -> Path:
         raise DistillError(
             f"generate: shards {', '.join(missing)} are not finished; run `distill generate {cfg.command_args} --shard I/{n}` for each"
         )
-    record = StageRecord(cfg, "generate")
     accepted: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     rejected: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
@@ -505,13 +480,10 @@ def save_dataset(accepted: dict[str, list[dict[str, Any]]], target: Path, top_k:
                     out[c].append(array)
         return Dataset.from_dict(out, features=features)
 
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     # an empty split is left out: `datasets` writes it but cannot read it back
     data = DatasetDict({split: rows(accepted[split]) for split in ("train", "validation", "test") if accepted[split]})
-    data.save_to_disk(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        data.save_to_disk(str(tmp))
     return data
 
 

@@ -8,26 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, prepare_output, require_input, stage_dir
+from distill.artifacts import atomic_dir, open_stage, require_inputs, stage_dir
 from distill.config import PipelineConfig
+from distill.data import check_prompts
 from distill.errors import DistillError
+from distill.models import weights_bytes
 
 log = logging.getLogger(__name__)
-
-
-def check_prompts(cfg: PipelineConfig, tokenizer: Any, count: int) -> list[list[int]]:
-    """Chat-formatted validation prompts (held-out inputs), as token ids."""
-    from datasets import load_from_disk
-
-    data = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
-    split = data["validation"] if "validation" in data and len(data["validation"]) else data["train"]
-    prompts = [split[i]["prompt"] for i in range(min(count, len(split)))]
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True)[
-            "input_ids"
-        ]
-        for p in prompts
-    ]
 
 
 def _same_base(adapter_dir: Path, student: str) -> None:
@@ -44,18 +31,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = stage_dir(cfg, "merge")
     train_dir = stage_dir(cfg, "train")
-    require_input(cfg, "train")
+    require_inputs(cfg, "merge")
     if cfg.train.method == "lora":
         _same_base(train_dir / "adapter", cfg.models.student)
-    if prepare_output(cfg, "merge", overwrite) == "skip":
-        log.info("merge: complete, skipping (%s)", folder)
-        return folder
-    log.info("merge config: %s", cfg.merge.model_dump())
-    record = StageRecord(cfg, "merge", inputs=("train",))
+    record = open_stage(cfg, "merge", overwrite)
+    if record is None:
+        return stage_dir(cfg, "merge")
     dtype = getattr(torch, cfg.merge.dtype)
-    target = folder / "model"
+    target = record.folder / "model"
 
     if cfg.train.method == "full":
         merged = AutoModelForCausalLM.from_pretrained(train_dir / "model", dtype=torch.float32).eval()
@@ -86,15 +70,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
                 f"{cfg.merge.tolerance}; the adapter does not fold cleanly into this base"
             )
 
-    tmp = target.with_name("model.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.to(dtype).save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    spm_model = Path(cfg.models.student) / "tokenizer.model"
-    if spm_model.is_file():  # the GGUF exporter reads SentencePiece pieces from here
-        shutil.copy2(spm_model, tmp / "tokenizer.model")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_dir(target) as tmp:
+        merged.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        spm_model = Path(cfg.models.student) / "tokenizer.model"
+        if spm_model.is_file():  # the GGUF exporter reads SentencePiece pieces from here
+            shutil.copy2(spm_model, tmp / "tokenizer.model")
 
     saved = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     saved_diff = max(float((_logits(saved, ids) - ref).abs().max()) for ids, ref in zip(prompts, reference))
@@ -105,7 +86,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "fold_max_abs_logit_diff": fold_diff,
         "saved_dtype_max_abs_logit_diff": saved_diff,
         "params": sum(p.numel() for p in saved.parameters()),
-        "safetensors_bytes": sum(f.stat().st_size for f in target.glob("*.safetensors")),
+        "safetensors_bytes": weights_bytes(target),
     }
     log.info("merge: fold diff %.3g, %s rounding diff %.3g", fold_diff, cfg.merge.dtype, saved_diff)
     record.files = {"model": "model"}

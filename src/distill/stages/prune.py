@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, prepare_output, require_input, stage_dir
+from distill.artifacts import atomic_dir, open_stage, stage_dir
 from distill.config import PipelineConfig
 from distill.errors import DistillError
+from distill.models import weights_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
 
     if not cfg.prune.enabled:
         raise DistillError("prune: pruning is off for this config; set prune.enabled=true (the compact CPU variant)")
-    folder = stage_dir(cfg, "prune")
-    require_input(cfg, "merge")
-    if prepare_output(cfg, "prune", overwrite) == "skip":
-        log.info("prune: complete, skipping (%s)", folder)
-        return folder
-    record = StageRecord(cfg, "prune", inputs=("merge",))
+    record = open_stage(cfg, "prune", overwrite)
+    if record is None:
+        return stage_dir(cfg, "prune")
     source = stage_dir(cfg, "merge") / "model"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     sparsity = prune_model(model, cfg.prune.amount)
@@ -65,15 +63,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     counts = {name: module.weight.numel() for name, module in prunable(model)}
     zeros = sum(sparsity[n] * counts[n] for n in sparsity)
 
-    target = folder / "model"
-    tmp = target.with_name("model.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    if (source / "tokenizer.model").is_file():  # the GGUF exporter reads SentencePiece pieces from here
-        shutil.copy2(source / "tokenizer.model", tmp / "tokenizer.model")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    target = record.folder / "model"
+    with atomic_dir(target) as tmp:
+        model.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        if (source / "tokenizer.model").is_file():  # the GGUF exporter reads SentencePiece pieces from here
+            shutil.copy2(source / "tokenizer.model", tmp / "tokenizer.model")
 
     all_params = sum(p.numel() for p in model.parameters())
     record.metrics = {
@@ -85,7 +80,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "overall_sparsity": zeros / sum(counts.values()),
         "model_sparsity": zeros / all_params,
         "params": all_params,
-        "safetensors_bytes": sum(f.stat().st_size for f in target.glob("*.safetensors")),
+        "safetensors_bytes": weights_bytes(target),
     }
     record.files = {"model": "model"}
     log.info(

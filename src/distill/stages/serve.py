@@ -12,25 +12,19 @@ command line and an Ollama Modelfile, and `distill deploy` starts it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import (
-    StageRecord,
-    atomic_write_json,
-    atomic_write_text,
-    is_complete,
-    prepare_output,
-    require_input,
-    stage_dir,
-)
+from distill.artifacts import atomic_write_json, atomic_write_text, is_complete, open_stage, require_inputs, stage_dir
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, request_fields, task_grammar
+from distill.data import held_out_requests
 from distill.errors import DistillError
+from distill.models import served_model, weights_bytes
 from distill.serving.fleet import (
     claim_ports,
+    fleet_label,
     gpu_bytes_by_pid,
     llama_server_binary,
     make_servers,
@@ -40,14 +34,12 @@ from distill.serving.fleet import (
 )
 from distill.serving.load import SLO_QUANTILE, capacity, drive
 from distill.serving.memory import (
-    MIB,
-    check_backend,
     compute_capability,
-    format_plan,
     plan_serving,
     server_bytes,
     too_small,
 )
+from distill.serving.report import free_level, render_report
 from distill.tasks import Grammar, Task, load_task
 
 log = logging.getLogger(__name__)
@@ -62,56 +54,6 @@ PEAK_GAUGES = (
     "kv_cache_usage_perc",
 )
 FP16_PROMPTS = 8
-CPU_NOTE = (
-    "This run was on CPU: memory is the servers' proportional set size (PSS: shared pages such as the "
-    "memory-mapped GGUF split between the processes that map them; no Python interpreter is counted), "
-    "and the GPU budget is only a limit the fleets had to fit in. On the GPU the weights, KV cache and "
-    "compute buffers live in VRAM, each process adds a CUDA context, and decoding is far faster, so "
-    "latency and throughput here are not the GPU's."
-)
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
-
-
-def fleet_label(fleet: str, servers: int, slots: int) -> str:
-    """ "5 processes x 1 slot" or "1 server x 180 slots"."""
-    return f"{_count(servers, 'server' if fleet == 'slots' else 'process')} x {_count(slots, 'slot')}"
-
-
-def find_gguf(cfg: PipelineConfig) -> Path:
-    export = require_input(cfg, "export")
-    candidates = [Path(p) for p in export.get("files", {}).values() if str(p).endswith(".gguf")]
-    candidates = [p if p.is_absolute() else stage_dir(cfg, "export") / p for p in candidates]
-    existing = [p for p in candidates if p.is_file()]
-    if not existing:
-        raise DistillError(
-            f"{stage_dir(cfg, 'export')}: no GGUF file; run `distill export {cfg.command_args} export.format=q8_0`"
-        )
-    return existing[0]
-
-
-def served_model(cfg: PipelineConfig) -> Path:
-    """What the servers load: the GGUF for llama.cpp, the merged folder for vLLM."""
-    check_backend(cfg)
-    if cfg.serve.backend == "llama_cpp":
-        return find_gguf(cfg)
-    require_input(cfg, "merge")
-    return stage_dir(cfg, "merge") / "model"
-
-
-def model_bytes(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-def _held_out_requests(cfg: PipelineConfig, count: int) -> list[dict[str, Any]]:
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))
-    split = dataset["test"] if "test" in dataset else dataset["validation"]
-    rows = [split[i % len(split)] for i in range(count)]
-    return [{"prompt": r["prompt"], "payload": json.loads(r["payload"])} for r in rows]
 
 
 def measure_fleet(
@@ -221,23 +163,20 @@ def choose(fleets: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     s = cfg.serve
-    folder = stage_dir(cfg, "serve")
     model = served_model(cfg)
-    require_input(cfg, "generate")
+    require_inputs(cfg, "serve")
     if s.backend == "llama_cpp":
         llama_server_binary(cfg)  # say it is missing before anything starts
     task = load_task(cfg)  # a broken task or grammar fails before the output folder is touched
-    requests = _held_out_requests(cfg, max(s.requests, *s.concurrency))
+    requests = held_out_requests(cfg, max(s.requests, *s.concurrency))
     grammar = first_grammar(task, requests[0]["payload"], "serve.grammar") if s.grammar else None
-    plan = plan_serving(cfg, model_bytes=model_bytes(model))
+    plan = plan_serving(cfg, model_bytes=weights_bytes(model))
     if problem := too_small(plan):
         raise DistillError(problem)
-    if prepare_output(cfg, "serve", overwrite) == "skip":
-        log.info("serve: complete, skipping (%s)", folder)
-        return folder
-    log.info("serve config: %s", s.model_dump())
-    upstream = "export" if s.backend == "llama_cpp" else "merge"
-    record = StageRecord(cfg, "serve", inputs=(upstream, "generate"))
+    record = open_stage(cfg, "serve", overwrite)
+    if record is None:
+        return stage_dir(cfg, "serve")
+    folder = record.folder
     log_dir = folder / "logs"
     log_dir.mkdir(exist_ok=True)
     free = None
@@ -321,7 +260,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "e2e_p95_ms": level["e2e_ms"]["p95"],
         "valid_share": level["valid_share"],
         "grammar": grammar is not None,
-        **({"goodput_per_s_free": _free_level(fleets[best["fleet"]], level)["goodput_per_s"]} if grammar else {}),
+        **({"goodput_per_s_free": free_level(fleets[best["fleet"]], level)["goodput_per_s"]} if grammar else {}),
         "budget_held": {name: fleet["budget_held"] for name, fleet in fleets.items()},
     }
     return record.finish()
@@ -332,11 +271,6 @@ def _grammar_use(s: Any, grammar: Grammar | None) -> str:
         field = next(iter(request_fields(grammar, s.backend)))
         return f"each request carries its input's grammar (`{field}`); the same requests also went out free"
     return "free decoding (serve.grammar is off)" if not s.grammar else "free decoding (the task has no grammar)"
-
-
-def _free_level(fleet: dict[str, Any], level: dict[str, Any]) -> dict[str, Any]:
-    """The unconstrained measurement at the same load as a constrained level."""
-    return next(lv for lv in fleet["free_levels"] if lv["concurrency"] == level["concurrency"])
 
 
 def _fp16(cfg: PipelineConfig, requests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -365,117 +299,3 @@ def _write_portable(cfg: PipelineConfig, model: Path, folder: Path, best: dict[s
     }
     atomic_write_text(folder / "Modelfile", modelfile(model, folder, sampling))
     return {"llama_server_command": script.name, "ollama_modelfile": "Modelfile"}
-
-
-def _mib(n: float) -> str:
-    return f"{n / MIB:,.0f} MiB"
-
-
-def render_report(report: dict[str, Any]) -> str:
-    plan, fleets, best, unit = report["plan"], report["fleets"], report["best"], report["unit"]
-    slo = report["slo_ms"]
-    lines = [
-        "# Serving check",
-        "",
-        "| term | value |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in format_plan(plan)),
-        "",
-    ]
-    if "processes" in fleets:
-        capped = " (capped by serve.max_instances)" if report["processes_started"] < plan["instances"] else ""
-        lines.append(
-            f"Paper's fleet: planned {plan['instances']} processes; measured {report['processes_started']}{capped}."
-        )
-    else:
-        lines.append("Paper's fleet: not one process of V_small + V_batch fits V_GPU; measured the server alone.")
-    capped = " (capped by serve.max_slots)" if report["slots_started"] < plan["slots"] else ""
-    lines += [
-        f"One server: planned {plan['slots']} slots; measured {report['slots_started']}{capped}.",
-        "",
-        (
-            f"SLO: {SLO_QUANTILE}% of requests end to end within {slo:g} ms. Goodput: {unit}s/s that pass the "
-            "task's checks and finish within the SLO. Times in ms as p50 / p95 / p99."
-        ),
-        "",
-        f"Decoding: {report['grammar']}.",
-        "",
-        "| fleet | users | grammar | req/s | out tok/s | TTFT | TPOT | end to end | valid | within SLO | goodput/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    constrained = any("free_levels" in fleet for fleet in fleets.values())
-    for name, fleet in fleets.items():
-        label = fleet_label(name, fleet["servers"], fleet["slots_each"])
-        for lv in fleet["levels"]:
-            rows = [("yes" if constrained else "no", lv)]
-            if constrained:
-                rows.append(("no", _free_level(fleet, lv)))
-            for mode, row in rows:
-                pct = {k: " / ".join(f"{v:g}" for v in row[k].values()) for k in ("ttft_ms", "tpot_ms", "e2e_ms")}
-                lines.append(
-                    f"| {label} | {row['concurrency']} | {mode} | {row['requests_per_s']} | {row['output_tokens_per_s']} "
-                    f"| {pct['ttft_ms']} | {pct['tpot_ms']} | {pct['e2e_ms']} | {row['valid_share']:.0%} "
-                    f"| {row['within_slo_share']:.0%} | {row['goodput_per_s']} |"
-                )
-    free_title = " | capacity without grammar" if constrained else ""
-    lines += [
-        "",
-        f"| fleet | capacity (users within SLO){free_title} | memory per process (peak) | planned per process | plan held |",
-        "|---|---|---|---|---|" + ("---|" if constrained else ""),
-    ]
-    for name, fleet in fleets.items():
-        measure = fleet["memory_measure"]
-        per = ", ".join(_memory_cell(m, measure) for m in fleet["memory"])
-        free_cell = f" | {fleet['free_capacity']}" if constrained else ""
-        lines.append(
-            f"| {name} | {fleet['capacity']}{free_cell} | {per} | {_mib(fleet['planned_bytes_each'])} "
-            f"| {'yes' if fleet['budget_held'] else 'no'} |"
-        )
-    lines += ["", *_metrics_lines(fleets), ""]
-    what = fleet_label(best["fleet"], best["servers"], best["slots_each"])
-    level = best["level"]
-    if best["meets_slo"]:
-        free = (
-            f" ({_free_level(fleets[best['fleet']], level)['goodput_per_s']} without the grammar)"
-            if constrained
-            else ""
-        )
-        lines.append(
-            f"Best: **{what}**: {best['capacity']} concurrent users within the SLO, goodput "
-            f"{level['goodput_per_s']} {unit}s/s at that load{free} (`distill deploy` starts it; `llama-server.sh` "
-            "and `Modelfile` beside this report)."
-        )
-    else:
-        lines.append(
-            f"**No configuration meets serve.slo_ms={slo:g}**; closest: {what} with one user, p{SLO_QUANTILE} "
-            f"{level['e2e_ms'][f'p{SLO_QUANTILE}']:g} ms. Raise serve.slo_ms, lower serve.max_tokens, or use a "
-            "faster card."
-        )
-    if report["fp16"]:
-        lines += ["", f"fp16: {report['fp16']['note']}."]
-    if report["device"] == "cpu":
-        lines += ["", CPU_NOTE]
-    return "\n".join(lines) + "\n"
-
-
-def _memory_cell(memory: dict[str, Any], measure: str) -> str:
-    if measure == "gpu_bytes":
-        return f"{_mib(memory.get('gpu_bytes', 0))} GPU"
-    return f"{_mib(memory.get('pss_bytes', 0))} PSS / {_mib(memory.get('uss_bytes', 0))} USS"
-
-
-def _metrics_lines(fleets: dict[str, dict[str, Any]]) -> list[str]:
-    lines = []
-    for name, fleet in fleets.items():
-        peaks = fleet["metrics_peak"]
-        if not peaks and not fleet["metrics_total"]:
-            continue
-        # n_busy_slots_per_decode is the server's own running mean; the others are instantaneous gauges
-        shown = ", ".join(
-            f"{k.split(':')[-1]} {'(mean so far) ' if k.endswith('per_decode') else ''}{v:g}"
-            for k, v in sorted(peaks.items())
-        )
-        longest = next((v for k, v in fleet["metrics_total"].items() if k.endswith("n_tokens_max")), None)
-        extra = f"; longest sequence {longest:g} tokens" if longest is not None else ""
-        lines.append(f"/metrics of the {name} fleet under load (peak): {shown or 'none'}{extra}.")
-    return lines

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import StageRecord, prepare_output, require_input, stage_dir
+from distill.artifacts import atomic_dir, open_stage, require_inputs, stage_dir
 from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.models import ensure_models
@@ -313,16 +312,14 @@ def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Pat
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
-    import torch
     from transformers import Trainer, set_seed
 
-    from distill.loss import NonFiniteLoss
-    from distill.plan import build_plan, train_steps
+    from distill.plan import train_steps
 
     folder = stage_dir(cfg, "train")
     checkpoints = folder / "checkpoints"
     log_path = folder / "log.jsonl"
-    require_input(cfg, "generate")
+    require_inputs(cfg, "train")
     t = cfg.train
     backend = choose_backend(cfg)
     bf16 = use_bf16(cfg)
@@ -331,14 +328,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     args = training_args(cfg, backend, bf16, checkpoints)
     main = args.process_index == 0
     with args.main_process_first(local=False, desc="preparing the train folder"):
-        mode = prepare_output(cfg, "train", overwrite and main)
-        if mode != "skip":
+        record = open_stage(cfg, "train", overwrite and main)
+        if record is not None:
             ensure_models(cfg)
-    if mode == "skip":
-        log.info("train: complete, skipping (%s)", folder)
+    if record is None:
         return folder
-    log.info("train config: %s", t.model_dump())
-    record = StageRecord(cfg, "train", inputs=("generate",))
     set_seed(cfg.seed)
     rows = load_dataset_split(cfg)
     if t.objective == "kd":
@@ -352,14 +346,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             len(dataset),
             t.max_length,
         )
-
-    # `distill plan` and the trainer must agree: same parameter count, same step formula.
-    plan = build_plan(cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable != plan["trainable_params"]:
-        raise DistillError(
-            f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}"
-        )
+    plan = check_plan(cfg, model)
     steps = train_steps(len(dataset), cfg, world_size=args.world_size)
     if len(dataset) != cfg.generate.num_examples:
         log.warning("train split has %d examples, generate.num_examples is %d", len(dataset), cfg.generate.num_examples)
@@ -370,7 +357,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         args.world_size,
         len(dataset),
         steps,
-        f"{trainable:,}",
+        f"{plan['trainable_params']:,}",
     )
 
     collator, coverage = attach_objective(cfg, model, tokenizer, dataset)
@@ -387,17 +374,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             _trim_log(log_path, int(resume.name.split("-")[1]))
     # read now: the checkpoint we resume from is rotated away (save_total_limit) during training
     tokens_before = resume_tokens(resume) if resume else 0
-    started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except NonFiniteLoss as exc:
-        good = last_checkpoint(checkpoints)
-        raise DistillError(
-            f"train: {exc} at step {trainer.state.global_step + 1}; the last good checkpoint is "
-            f"{good or 'none (nothing saved yet)'}. fp16 overflows Gemma 3: use train.precision=bf16 or fp32, "
-            "or lower train.lr"
-        ) from None
-    wall = time.perf_counter() - started
+    wall = _train(trainer, resume, checkpoints)
     if not main:
         return folder
 
@@ -418,7 +395,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "steps": trainer.state.global_step,
         "planned_steps": steps,
         "plan_steps": plan["steps"],
-        "trainable_params": trainable,
+        "trainable_params": plan["trainable_params"],
         "plan_trainable_params": plan["trainable_params"],
         "all_params": sum(p.numel() for p in model.parameters()),
         "plan_all_params": plan["all_params"],
@@ -427,13 +404,50 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "tokens_per_s": round(session_tokens / wall, 1),
         "samples_per_s": round(collator.samples_seen * args.world_size / wall, 3),
         "wall_s": round(wall, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **peak_memory(),
         "resumed_from": resume.name if resume else None,
     }
-    if torch.cuda.is_available():
-        record.metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
     return record.finish()
+
+
+def check_plan(cfg: PipelineConfig, model: Any) -> dict[str, Any]:
+    """`distill plan` and the trainer must agree: same parameter count, same step formula."""
+    from distill.plan import build_plan
+
+    plan = build_plan(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != plan["trainable_params"]:
+        raise DistillError(
+            f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}"
+        )
+    return plan
+
+
+def _train(trainer: Any, resume: Path | None, checkpoints: Path) -> float:
+    """Seconds of training; a non-finite loss stops it with the step and the last good checkpoint."""
+    from distill.loss import NonFiniteLoss
+
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except NonFiniteLoss as exc:
+        good = last_checkpoint(checkpoints)
+        raise DistillError(
+            f"train: {exc} at step {trainer.state.global_step + 1}; the last good checkpoint is "
+            f"{good or 'none (nothing saved yet)'}. fp16 overflows Gemma 3: use train.precision=bf16 or fp32, "
+            "or lower train.lr"
+        ) from None
+    return time.perf_counter() - started
+
+
+def peak_memory() -> dict[str, float]:
+    import torch
+
+    peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
 
 
 def resume_tokens(checkpoint: Path) -> int:
@@ -466,10 +480,7 @@ def _trim_log(log_path: Path, step: int) -> None:
 
 def _save(model: Any, tokenizer: Any, target: Path) -> None:
     """Write into a temp folder and rename, so a crash never leaves a half-saved model behind."""
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True  # the Trainer switched the KV cache off for training; this model is for inference
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

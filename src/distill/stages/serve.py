@@ -184,46 +184,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         free = requests
         requests = [{**r, "fields": request_fields(task_grammar(task, r["payload"]), s.backend)} for r in requests]
 
-    processes = min(plan["instances"], s.max_instances or plan["instances"])
-    slots = min(plan["slots"], s.max_slots or plan["slots"])
-    log.info(
-        "serve: plan says %d processes or 1 server with %d slots; measuring %d and %d",
-        plan["instances"],
-        plan["slots"],
-        processes,
-        slots,
-    )
-    fleets: dict[str, dict[str, Any]] = {}
-    if processes:
-        fleets["processes"] = measure_fleet(
-            cfg,
-            model,
-            task,
-            requests,
-            log_dir,
-            "processes",
-            processes,
-            s.parallel,
-            s.threads_per_instance,
-            plan["v_small_bytes"] + plan["v_batch_bytes"],
-            plan["v_gpu_bytes"],
-            free,
-        )
-    # Same CPU for both: the one server gets the threads the processes had together.
-    fleets["slots"] = measure_fleet(
-        cfg,
-        model,
-        task,
-        requests,
-        log_dir,
-        "slots",
-        1,
-        slots,
-        s.threads_per_instance * max(1, processes),
-        server_bytes(plan, slots),
-        plan["v_gpu_bytes"],
-        free,
-    )
+    processes, slots, fleets = measure_both(cfg, model, task, plan, requests, free, log_dir)
     best = choose(fleets)
     fp16 = _fp16(cfg, requests) if s.backend == "llama_cpp" else None
     report = {
@@ -244,26 +205,67 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         record.files.update(_write_portable(cfg, model, folder, best))
     atomic_write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", render_report(report))
+    record.metrics = serve_metrics(report, free is not None)
+    return record.finish()
+
+
+def measure_both(
+    cfg: PipelineConfig,
+    model: Path,
+    task: Task,
+    plan: dict[str, Any],
+    requests: list[dict[str, Any]],
+    free: list[dict[str, Any]] | None,
+    log_dir: Path,
+) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """The paper's processes (where the budget fits any) and the one server with slots, on the same CPU: the
+    server gets the threads the processes had together. Returns (processes, slots, fleets)."""
+    s = cfg.serve
+    processes = min(plan["instances"], s.max_instances or plan["instances"])
+    slots = min(plan["slots"], s.max_slots or plan["slots"])
+    log.info(
+        "serve: plan says %d processes or 1 server with %d slots; measuring %d and %d",
+        plan["instances"],
+        plan["slots"],
+        processes,
+        slots,
+    )
+    common = (cfg, model, task, requests, log_dir)
+    fleets: dict[str, dict[str, Any]] = {}
+    if processes:
+        each = plan["v_small_bytes"] + plan["v_batch_bytes"]
+        fleets["processes"] = measure_fleet(
+            *common, "processes", processes, s.parallel, s.threads_per_instance, each, plan["v_gpu_bytes"], free
+        )
+    threads = s.threads_per_instance * max(1, processes)
+    fleets["slots"] = measure_fleet(
+        *common, "slots", 1, slots, threads, server_bytes(plan, slots), plan["v_gpu_bytes"], free
+    )
+    return processes, slots, fleets
+
+
+def serve_metrics(report: dict[str, Any], constrained: bool) -> dict[str, Any]:
+    """The manifest's summary of the report: the plan, the chosen fleet and its numbers at capacity."""
+    plan, best, fleets = report["plan"], report["best"], report["fleets"]
     level = best["level"]
-    record.metrics = {
+    return {
         "instances_planned": plan["instances"],
         "slots_planned": plan["slots"],
-        "processes_started": processes,
-        "slots_started": slots,
+        "processes_started": report["processes_started"],
+        "slots_started": report["slots_started"],
         "best_fleet": best["fleet"],
         "meets_slo": best["meets_slo"],
-        "slo_ms": s.slo_ms,
+        "slo_ms": report["slo_ms"],
         "capacity": best["capacity"],
         "goodput_per_s": level["goodput_per_s"],
         "requests_per_s": level["requests_per_s"],
         "e2e_p50_ms": level["e2e_ms"]["p50"],
         "e2e_p95_ms": level["e2e_ms"]["p95"],
         "valid_share": level["valid_share"],
-        "grammar": grammar is not None,
-        **({"goodput_per_s_free": free_level(fleets[best["fleet"]], level)["goodput_per_s"]} if grammar else {}),
+        "grammar": constrained,
+        **({"goodput_per_s_free": free_level(fleets[best["fleet"]], level)["goodput_per_s"]} if constrained else {}),
         "budget_held": {name: fleet["budget_held"] for name, fleet in fleets.items()},
     }
-    return record.finish()
 
 
 def _grammar_use(s: Any, grammar: Grammar | None) -> str:

@@ -94,7 +94,7 @@ def make_trained_run(root: Path, extra: str = "") -> Path:
                 param.normal_(0, 0.05)
     peft.save_pretrained(stage_dir(cfg, "train") / "adapter")
     AutoTokenizer.from_pretrained(cfg.models.student).save_pretrained(stage_dir(cfg, "train") / "adapter")
-    StageRecord(cfg, "train", inputs=("generate",)).finish()
+    StageRecord(cfg, "train").finish()
     return path
 
 

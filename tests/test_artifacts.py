@@ -51,7 +51,7 @@ def test_stage_lifecycle(cfg) -> None:
 
     # train records the hash of the manifest it consumed
     prepare_output(cfg, "train", overwrite=False)
-    train = StageRecord(cfg, "train", inputs=("generate",))
+    train = StageRecord(cfg, "train")
     assert len(train.inputs["generate"]["manifest_sha256"]) == 64
 
 

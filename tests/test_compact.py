@@ -112,7 +112,7 @@ def test_export_gguf_and_int8_of_the_pruned_gpt2(pruned) -> None:
 
     # The int8 model reloads in a fresh process, from the files alone, and computes the same logits.
     script = (
-        "import sys, torch; from distill.stages.export import load_int8; m = load_int8(__import__('pathlib').Path(sys.argv[1]));"
+        "import sys, torch; from distill.int8 import load_int8; m = load_int8(__import__('pathlib').Path(sys.argv[1]));"
         "print(m(torch.tensor([[1, 2, 3, 4]])).logits[0, -1].tolist())"
     )
     out = subprocess.run(
@@ -122,7 +122,7 @@ def test_export_gguf_and_int8_of_the_pruned_gpt2(pruned) -> None:
         check=True,
         cwd=REPO,
     )
-    from distill.stages.export import load_int8
+    from distill.int8 import load_int8
 
     here = load_int8(cfg.run_path / "export" / "int8")(__import__("torch").tensor([[1, 2, 3, 4]])).logits[0, -1]
     assert json.loads(out.stdout) == pytest.approx(here.tolist(), abs=1e-5)
@@ -140,7 +140,7 @@ def test_gpt2_f32_gguf_matches_hf_closely(pruned, tmp_path) -> None:
 
     from distill.gguf_writer import write_gguf
     from distill.stages.export import verify
-    from distill.stages.merge import check_prompts
+    from distill.data import check_prompts
 
     cfg = load_config(pruned)
     model_dir = cfg.run_path / "prune" / "model"

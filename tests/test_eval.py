@@ -24,7 +24,7 @@ def _row(index: int) -> tuple[dict, object]:
 
 
 def test_scores_of_known_programs() -> None:
-    from distill.stages.eval import score, summarize
+    from distill.scoring import score, summarize
 
     catalog = TASK.catalog
     row, program = _row(3)
@@ -74,7 +74,7 @@ def exported(tmp_path_factory) -> Path:
 def test_every_variant_evaluated_and_compared(exported) -> None:
     from distill.artifacts import read_manifest
     from distill.stages.eval import run as evaluate
-    from distill.stages.eval import test_rows
+    from distill.data import test_rows
 
     cfg = load_config(exported)
     results = {}

@@ -53,7 +53,7 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
 
     from distill.artifacts import read_manifest
     from distill.stages.eval import run as evaluate
-    from distill.stages.eval import score
+    from distill.scoring import score
     from distill.stages.serve import run as serve
 
     serve_cfg = (

@@ -138,9 +138,9 @@ def test_export_gguf_and_int8_of_the_pruned_gpt2(pruned) -> None:
 def test_gpt2_f32_gguf_matches_hf_closely(pruned, tmp_path) -> None:
     from transformers import AutoTokenizer
 
+    from distill.data import check_prompts
     from distill.gguf_writer import write_gguf
     from distill.stages.export import verify
-    from distill.data import check_prompts
 
     cfg = load_config(pruned)
     model_dir = cfg.run_path / "prune" / "model"

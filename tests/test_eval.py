@@ -73,8 +73,8 @@ def exported(tmp_path_factory) -> Path:
 
 def test_every_variant_evaluated_and_compared(exported) -> None:
     from distill.artifacts import read_manifest
-    from distill.stages.eval import run as evaluate
     from distill.data import test_rows
+    from distill.stages.eval import run as evaluate
 
     cfg = load_config(exported)
     results = {}

@@ -52,8 +52,8 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
     from toy_task import ToyTask
 
     from distill.artifacts import read_manifest
-    from distill.stages.eval import run as evaluate
     from distill.scoring import score
+    from distill.stages.eval import run as evaluate
     from distill.stages.serve import run as serve
 
     serve_cfg = (

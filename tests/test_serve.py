@@ -224,9 +224,9 @@ def _grammar_reaches_the_server(cfg, url: str) -> None:
     import xgrammar as xgr
 
     from distill.constrain import request_fields
+    from distill.data import test_rows
     from distill.errors import DistillError
     from distill.serving.load import stream_chat
-    from distill.data import test_rows
     from distill.tasks import Grammar, load_task
 
     task, row = load_task(cfg), test_rows(cfg)[0]
@@ -274,8 +274,8 @@ def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(
     from llama_cpp import Llama
     from openai import OpenAI
 
-    from distill.serving.fleet import free_port
     from distill.models import find_gguf
+    from distill.serving.fleet import free_port
 
     cfg = load_config(served)
     report_path = cfg.run_path / "serve/report.json"

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "distill.cli"]
@@ -58,9 +59,95 @@ def crew_task(seed: int = 0):
     return default_task(seed)
 
 
-def make_trained_run(root: Path, extra: str = "") -> Path:
-    """Tiny models, a finished generate stage, and a non-trivial LoRA adapter standing in for training
-    (real training has its own tests; here only the stages after it are under test)."""
+def write_config(
+    root: Path,
+    models: Path | dict | None = None,
+    *,
+    name: str = "cfg.yaml",
+    run_name: str = "t",
+    run_dir: Path | str | None = "runs",
+    tiny: dict | str | None = None,
+    **sections: object,
+) -> Path:
+    """Write the pipeline config `root/name` of a test and return its path; the test states only what it sets.
+
+    `models`: a folder holding teacher/ and student/ (such as `tiny_models`), a whole `models` section as a dict,
+    or None for stand-in names where no model is loaded; `tiny` adds `models.tiny` (the pipeline builds them).
+    `run_dir` relative to `root` unless absolute; None leaves it out (the default, ./runs). Every other keyword
+    is a top-level key (seed, task, generate, train, ...): a value, a dict, or (a string) YAML text to read.
+    Written by `yaml.safe_dump`, so a test that derives one config from another passes changed sections
+    rather than editing the text."""
+    if models is None:
+        section = {"teacher": "a", "student": "b"}
+    elif isinstance(models, dict):
+        section = dict(models)
+    else:
+        section = {"teacher": Path(models) / "teacher", "student": Path(models) / "student"}
+    if tiny is not None:
+        section["tiny"] = _parsed(tiny)
+    data: dict = {"run_name": run_name}
+    if run_dir is not None:
+        data["run_dir"] = root / run_dir
+    data["models"] = section
+    data.update({key: _parsed(value) for key, value in sections.items()})
+    path = root / name
+    path.write_text(yaml.safe_dump(_yaml_ready(data), sort_keys=False, allow_unicode=True))
+    return path
+
+
+def _parsed(section: object) -> object:
+    """A section given as YAML text, read; any other value as it is."""
+    return yaml.safe_load(section) if isinstance(section, str) else section
+
+
+def _yaml_ready(value: object) -> object:
+    """Paths as strings, tuples as lists: what `yaml.safe_dump` writes."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _yaml_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_ready(item) for item in value]
+    return value
+
+
+TINY_MODELS = {"seed": 0, "corpus_size": 60}  # `tiny_models`: the crew pack's tokenizers, seed 0
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """The tiny teacher (Qwen 3, byte-level BPE) and student (Gemma 3, SentencePiece with byte fallback) of the
+    crew pack, built once per test session and shared by every module: read-only (its files are made so); a
+    test that must change a model copies the folder first."""
+    from distill.config import TinyModelsConfig
+    from distill.models import build_tiny
+
+    out = tmp_path_factory.mktemp("tiny-models")
+    build_tiny(out, TinyModelsConfig(**TINY_MODELS), crew_task())
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o444)
+    return out
+
+
+# A run's stages before training's output: what `make_trained_run` configures, beside a test's own sections.
+TRAINED_RUN = {
+    "generate": {"backend": "reference", "num_examples": 8, "validation_examples": 3, "test_examples": 4},
+    "train": {"lora": {"r": 4, "alpha": 8}, "precision": "fp32"},
+    "merge": {"dtype": "float32", "check_prompts": 2},
+    "export": {"check_prompts": 2},
+}
+
+
+def trained_run_config(root: Path, models: Path, name: str = "cfg.yaml", **sections: object) -> Path:
+    """The config of `make_trained_run` (run `e` under `root/runs`), with `sections` added or replaced."""
+    return write_config(root, models, name=name, run_name="e", **{**TRAINED_RUN, **sections})
+
+
+def make_trained_run(root: Path, models: Path | None = None, **sections: object) -> Path:
+    """A finished generate stage and a non-trivial LoRA adapter standing in for training (real training has
+    its own tests; here only the stages after it are under test), on `models` (`tiny_models`); without them,
+    tiny models with the tokenizers of the config's own task (`sections` may set one) are built in root/models."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,18 +158,10 @@ def make_trained_run(root: Path, extra: str = "") -> Path:
     from distill.stages.generate import run as generate
     from distill.tasks import load_task
 
-    path = root / "cfg.yaml"
-    path.write_text(
-        f"run_name: e\nrun_dir: {root / 'runs'}\n"
-        f"models: {{teacher: {root / 'models/teacher'}, student: {root / 'models/student'}}}\n"
-        "generate: {backend: reference, num_examples: 8, validation_examples: 3, test_examples: 4}\n"
-        "train: {lora: {r: 4, alpha: 8}, precision: fp32}\nmerge: {dtype: float32, check_prompts: 2}\n"
-        "export: {check_prompts: 2}\n" + extra
-    )
+    path = trained_run_config(root, models or root / "models", **sections)
     cfg = load_config(path)
-    build_tiny(
-        root / "models", TinyModelsConfig(seed=2, corpus_size=60), load_task(cfg)
-    )  # tokenizers of the config's task
+    if models is None:
+        build_tiny(root / "models", TinyModelsConfig(seed=2, corpus_size=60), load_task(cfg))
     generate(cfg)
     prepare_output(cfg, "train", overwrite=False)
     base = AutoModelForCausalLM.from_pretrained(cfg.models.student)
@@ -98,17 +177,25 @@ def make_trained_run(root: Path, extra: str = "") -> Path:
     return path
 
 
-def make_exported_run(root: Path, extra: str = "") -> Path:
+def make_exported_run(root: Path, models: Path | None = None, **sections: object) -> Path:
     """`make_trained_run`, then the real merge and export stages: a GGUF for serving and evaluation."""
     from distill.config import load_config
     from distill.stages.export import run as export
     from distill.stages.merge import run as merge
 
-    path = make_trained_run(root, extra)
+    path = make_trained_run(root, models, **sections)
     cfg = load_config(path)
     merge(cfg)
     export(cfg)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory, tiny_models) -> Path:
+    """`make_exported_run` on `tiny_models`, once per session. A module evaluates or serves it through a config
+    of its own beside it, `trained_run_config(exported_run.parent, tiny_models, name=..., eval=...)`: the eval and
+    serve sections are not part of the generate..export fingerprints, so each such config finds those done."""
+    return make_exported_run(tmp_path_factory.mktemp("exported"), tiny_models)
 
 
 def check_captured_distribution(folder: Path, teacher_dir: Path, k: int, ends_with_eos: bool = False) -> None:

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 
 from distill.artifacts import (
     StageRecord,
@@ -18,9 +19,7 @@ from distill.errors import DistillError, StageInputError
 
 @pytest.fixture
 def cfg(tmp_path: Path):
-    path = tmp_path / "c.yaml"
-    path.write_text(f"run_name: t\nrun_dir: {tmp_path / 'runs'}\nmodels: {{teacher: a, student: b}}\n")
-    return load_config(path)
+    return load_config(write_config(tmp_path, name="c.yaml"))
 
 
 def test_missing_input_names_file_and_command(cfg) -> None:

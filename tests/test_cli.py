@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, write_config
 
 
 def test_help_is_instant_and_imports_nothing_heavy() -> None:
@@ -30,8 +30,7 @@ def test_validate_prints_resolved_config() -> None:
 
 
 def test_validate_reports_every_problem_without_traceback(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("run_name: x\nmodels: {teacher: a, student: b}\ntrain: {lr: -1, optimm: adamw_8bit}\n")
+    bad = write_config(tmp_path, run_name="x", run_dir=None, train={"lr": -1, "optimm": "adamw_8bit"})
     result = run_cli("validate", str(bad), "generate.backend=nope")
     assert result.returncode == 1
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
@@ -71,8 +70,7 @@ def test_plan_table_and_overrides() -> None:
 
 
 def test_plan_without_local_model_or_arch_is_a_clear_error(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("run_name: x\nmodels: {teacher: a, student: org/not-local}\n")
+    cfg = write_config(tmp_path, {"teacher": "a", "student": "org/not-local"}, run_name="x", run_dir=None)
     result = run_cli("plan", str(cfg))
     assert result.returncode == 1
     assert "models.student_arch" in result.stderr and "Traceback" not in result.stderr

@@ -6,29 +6,33 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, write_config
 
 from distill.config import load_config
 
-CONFIG = """\
-run_name: c
-run_dir: {root}/runs
-models:
-  teacher: {root}/models/teacher
-  student: {root}/models/student
-  tiny:
-    seed: 4
-    corpus_size: 40
-    vocab_size: 1024
-    student_arch: gpt2
-    student: {{hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128}}
-generate: {{backend: reference, num_examples: 8, validation_examples: 2, test_examples: 2}}
-train: {{method: full, precision: fp32, max_steps: 2, batch_size: 4, grad_accum: 1, gradient_checkpointing: false}}
-merge: {{dtype: float32, check_prompts: 2}}
-prune: {{enabled: true, amount: 0.4}}
-export: {{check_prompts: 2, torch_int8: true}}
-eval: {{num_prompts: 2, max_new_tokens: 12}}
-"""
+# models of its own, built from `models.tiny` by the pipeline: a GPT-2 student on the teacher's tokenizer
+TINY = {
+    "seed": 4,
+    "corpus_size": 40,
+    "vocab_size": 1024,
+    "student_arch": "gpt2",
+    "student": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
+}
+SECTIONS = {
+    "generate": {"backend": "reference", "num_examples": 8, "validation_examples": 2, "test_examples": 2},
+    "train": {
+        "method": "full",
+        "precision": "fp32",
+        "max_steps": 2,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "gradient_checkpointing": False,
+    },
+    "merge": {"dtype": "float32", "check_prompts": 2},
+    "prune": {"enabled": True, "amount": 0.4},
+    "export": {"check_prompts": 2, "torch_int8": True},
+    "eval": {"num_prompts": 2, "max_new_tokens": 12},
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,7 @@ def pruned(tmp_path_factory) -> Path:
     from distill.stages import generate, merge, prune, train
 
     root = tmp_path_factory.mktemp("compact")
-    path = root / "c.yaml"
-    path.write_text(CONFIG.format(root=root))
+    path = write_config(root, root / "models", name="c.yaml", run_name="c", tiny=TINY, **SECTIONS)
     cfg = load_config(path)
     ensure_models(cfg)
     for stage in (generate, train, merge, prune):

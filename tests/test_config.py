@@ -1,21 +1,12 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO, write_config
 
 from distill.config import PipelineConfig, load_config
 from distill.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text(text)
-    return path
-
-
-MINIMAL = "run_name: t\nmodels: {teacher: a, student: b}\n"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -43,7 +34,7 @@ def test_paper_config_is_the_reference_workload() -> None:
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + "train: {lr: 0.5, batch_size: 3}\n")
+    path = write_config(tmp_path, run_dir=None, train={"lr": 0.5, "batch_size": 3})
     cfg = load_config(path, ["train.lr=1e-4", "generate.num_examples=64", "generate.sampling.top_k=5"])
     assert cfg.train.lr == 1e-4  # override beats YAML
     assert cfg.train.batch_size == 3  # YAML beats default
@@ -53,7 +44,7 @@ def test_precedence_defaults_yaml_overrides(tmp_path: Path) -> None:
 
 
 def test_all_problems_reported_at_once_with_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + "train: {lr: fast, batch_sise: 4}\ngenerate: {backend: magic}\n")
+    path = write_config(tmp_path, run_dir=None, train={"lr": "fast", "batch_sise": 4}, generate={"backend": "magic"})
     with pytest.raises(ConfigError) as info:
         load_config(path, ["serve.parallel=0"])
     problems = info.value.problems
@@ -67,7 +58,7 @@ def test_all_problems_reported_at_once_with_keys(tmp_path: Path) -> None:
 
 
 def test_overrides_are_type_checked(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL)
+    path = write_config(tmp_path, run_dir=None)
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(path, ["train.batch_size=many"])
     with pytest.raises(ConfigError, match="expected key.sub=value"):
@@ -77,14 +68,17 @@ def test_overrides_are_type_checked(tmp_path: Path) -> None:
 def test_missing_file_bad_yaml_and_missing_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "c.yaml"  # text no config writer would produce
+    path.write_text("run_name: t\nmodels: [a\n")
     with pytest.raises(ConfigError, match=r"line \d+, column \d+: invalid YAML: expected"):
-        load_config(write(tmp_path, "run_name: t\nmodels: [a\n"))
+        load_config(path)
+    path.write_text("run_name: t\n")
     with pytest.raises(ConfigError, match="models: required key is missing"):
-        load_config(write(tmp_path, "run_name: t\n"))
+        load_config(path)
 
 
 def test_stage_fingerprint_tracks_upstream_only(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL)
+    path = write_config(tmp_path, run_dir=None)
     base = load_config(path)
     changed_train = load_config(path, ["train.lr=1e-3"])
     assert base.stage_fingerprint("generate") == changed_train.stage_fingerprint("generate")
@@ -115,8 +109,10 @@ def test_every_field_is_documented() -> None:
 
 
 def test_task_section_picks_a_pack_and_is_strict(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, MINIMAL)).task.kind == "crew"  # no task section: the crew pack
-    path = write(tmp_path, MINIMAL + "task: {kind: jsonl, files: [x.jsonl], prompt_templat: 'Q: {q}'}\n")
+    assert load_config(write_config(tmp_path, run_dir=None)).task.kind == "crew"  # no task section: the crew pack
+    path = write_config(
+        tmp_path, run_dir=None, task={"kind": "jsonl", "files": ["x.jsonl"], "prompt_templat": "Q: {q}"}
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, ["task.unit=3"])
     text = "\n".join(info.value.problems)
@@ -125,4 +121,4 @@ def test_task_section_picks_a_pack_and_is_strict(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"override: task.kind: got \"magic\"; use one of crew, jsonl, python"):
         load_config(path, ["task.kind=magic"])
     with pytest.raises(ConfigError, match="task.language: unknown key"):
-        load_config(write(tmp_path, MINIMAL + "task: {kind: python, factory: 'a:b', language: en}\n"))
+        load_config(write_config(tmp_path, run_dir=None, task={"kind": "python", "factory": "a:b", "language": "en"}))

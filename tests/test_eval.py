@@ -6,14 +6,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import make_exported_run, run_cli
+from conftest import run_cli, trained_run_config
 
 from distill.config import CrewTaskConfig, load_config
 from distill.tasks.crew.pack import CrewTask
 from distill.tasks.crew.profile import Profile
 from distill.tasks.crew.program import parse_program, render_program
 
-EVAL = "eval: {num_prompts: 3, max_new_tokens: 24}\n"
+EVAL = {"num_prompts": 3, "max_new_tokens": 24}
 TASK = CrewTask(CrewTaskConfig(), 0)
 
 
@@ -67,8 +67,9 @@ def test_scores_of_known_programs() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return make_exported_run(tmp_path_factory.mktemp("eval"), EVAL)
+def exported(exported_run, tiny_models) -> Path:
+    """The session's exported run, evaluated under this module's own config beside it."""
+    return trained_run_config(exported_run.parent, tiny_models, name="eval.yaml", eval=EVAL)
 
 
 def test_every_variant_evaluated_and_compared(exported) -> None:

@@ -19,8 +19,9 @@ def test_planned_q8_0_size_of_real_gemma_270m() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    return make_trained_run(tmp_path_factory.mktemp("export"))
+def trained_run(tmp_path_factory, tiny_models) -> Path:
+    # a run of its own: these tests merge and export it themselves, and the last leaves no GGUF behind
+    return make_trained_run(tmp_path_factory.mktemp("export"), tiny_models)
 
 
 def test_merge_then_export_verified_in_llama_cpp(trained_run) -> None:

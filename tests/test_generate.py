@@ -9,30 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import check_captured_distribution, crew_task, kill_9_then_resume, run_cli
+from conftest import check_captured_distribution, crew_task, kill_9_then_resume, run_cli, write_config
 
 from distill.config import load_config
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    from distill.config import TinyModelsConfig
-    from distill.models import build_tiny
-
-    out = tmp_path_factory.mktemp("models")
-    build_tiny(out, TinyModelsConfig(seed=0, corpus_size=60), crew_task())
-    return out
-
-
-def write_config(tmp_path: Path, models: Path, extra: str = "") -> Path:
-    path = tmp_path / "gen.yaml"
-    path.write_text(
-        f"run_name: g\nrun_dir: {tmp_path / 'runs'}\nseed: 1\n"
-        f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-        "generate:\n  backend: reference\n  num_examples: 40\n  validation_examples: 6\n  test_examples: 5\n  batch_size: 16\n"
-        + extra
-    )
-    return path
+RUN = {"run_name": "g", "seed": 1}
+GENERATE = {"backend": "reference", "num_examples": 40, "validation_examples": 6, "test_examples": 5, "batch_size": 16}
+VLLM = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True, "cpu_kvcache_gb": 1}
 
 
 def load_records(folder: Path) -> list[dict]:
@@ -41,13 +24,13 @@ def load_records(folder: Path) -> list[dict]:
     ]
 
 
-def test_reference_backend_end_to_end_with_splits(tmp_path, models) -> None:
+def test_reference_backend_end_to_end_with_splits(tmp_path, tiny_models) -> None:
     from datasets import load_from_disk
 
     from distill.artifacts import read_manifest
     from distill.stages.generate import run
 
-    cfg = load_config(write_config(tmp_path, models))
+    cfg = load_config(write_config(tmp_path, tiny_models, **RUN, generate=GENERATE))
     folder = run(cfg)
     data = load_from_disk(str(folder / "dataset"))
     assert {k: len(v) for k, v in data.items()} == {"train": 40, "validation": 6, "test": 5}
@@ -66,7 +49,7 @@ def test_reference_backend_end_to_end_with_splits(tmp_path, models) -> None:
     assert run(cfg) == folder and (folder / "manifest.json").read_text() == before
 
 
-def test_near_duplicates_and_reasoning_only_are_rejected(tmp_path, models) -> None:
+def test_near_duplicates_and_reasoning_only_are_rejected() -> None:
     from distill.dedup import NearDuplicateIndex
     from distill.stages.generate import judge
     from distill.teachers.reference import ReferenceTeacher
@@ -83,15 +66,8 @@ def test_near_duplicates_and_reasoning_only_are_rejected(tmp_path, models) -> No
     assert status == "rejected" and "unknown_exercise" in reasons
 
 
-def test_kill_9_then_resume_gives_exact_unique_counts(tmp_path, models) -> None:
-    config = (
-        write_config(tmp_path, models)
-        .read_text()
-        .replace("num_examples: 40", "num_examples: 1500")
-        .replace("batch_size: 16", "batch_size: 4")
-    )
-    path = tmp_path / "big.yaml"
-    path.write_text(config)
+def test_kill_9_then_resume_gives_exact_unique_counts(tmp_path, tiny_models) -> None:
+    path = write_config(tmp_path, tiny_models, **RUN, generate={**GENERATE, "num_examples": 1500, "batch_size": 4})
     before = kill_9_then_resume(path, tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl", 100, 120)
     assert 100 <= before.count(b"\n") < 1511, "the run must be killed mid-way"
     recs = load_records(tmp_path / "runs/g/generate")
@@ -102,8 +78,8 @@ def test_kill_9_then_resume_gives_exact_unique_counts(tmp_path, models) -> None:
     assert sum(r["split"] == "validation" for r in accepted) == 6
 
 
-def test_shards_then_merge(tmp_path, models) -> None:
-    path = write_config(tmp_path, models)
+def test_shards_then_merge(tmp_path, tiny_models) -> None:
+    path = write_config(tmp_path, tiny_models, **RUN, generate=GENERATE)
     for i in range(3):
         result = run_cli("generate", str(path), "--shard", f"{i}/3")
         assert result.returncode == 0, result.stderr
@@ -134,8 +110,8 @@ def test_shards_then_merge(tmp_path, models) -> None:
     assert result.returncode == 1 and "appears in both shard-0-of-3 and shard-1-of-3" in result.stderr
 
 
-def test_corrupt_shard_line_is_reported_and_kept(tmp_path, models) -> None:
-    path = write_config(tmp_path, models, "  max_attempts_factor: 1.0\n")
+def test_corrupt_shard_line_is_reported_and_kept(tmp_path, tiny_models) -> None:
+    path = write_config(tmp_path, tiny_models, **RUN, generate={**GENERATE, "max_attempts_factor": 1.0})
     records = tmp_path / "runs/g/generate/shards/shard-0-of-1/records.jsonl"
     # stop a run early by asking for more than the budget allows: a teacher that fails checks
     run_cli("generate", str(path), "--shard", "0/1")
@@ -150,8 +126,8 @@ def test_corrupt_shard_line_is_reported_and_kept(tmp_path, models) -> None:
     assert records.read_bytes() == snapshot
 
 
-def test_bad_input_errors(tmp_path, models) -> None:
-    path = write_config(tmp_path, models)
+def test_bad_input_errors(tmp_path, tiny_models) -> None:
+    path = write_config(tmp_path, tiny_models, **RUN, generate=GENERATE)
     res = run_cli("generate", str(path), "generate.backend=magic")
     assert res.returncode == 1 and "generate.backend" in res.stderr
     res = run_cli("generate", str(path), "generate.backend=vllm", f"models.teacher={tmp_path / 'nope'}")
@@ -166,9 +142,9 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"
 
 
 @pytest.mark.slow
-def test_vllm_backend_on_tiny_qwen3(tmp_path, models) -> None:
-    extra = "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 24}\n  vllm: {dtype: float32, max_model_len: 4096, enforce_eager: true, cpu_kvcache_gb: 1}\n"
-    path = write_config(tmp_path, models, extra)
+def test_vllm_backend_on_tiny_qwen3(tmp_path, tiny_models) -> None:
+    generate = {**GENERATE, "max_attempts_factor": 1.0, "sampling": {"max_tokens": 24}, "vllm": VLLM}
+    path = write_config(tmp_path, tiny_models, **RUN, generate=generate)
     result = run_cli(
         "generate",
         str(path),
@@ -193,10 +169,10 @@ GRAMMAR_LEAVES = {"near_duplicate"}  # the crew grammar enforces every check; on
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["transformers", "vllm"])
 def test_a_teacher_under_the_grammar_is_rejected_only_for_what_the_grammar_cannot_say(
-    tmp_path, models, backend
+    tmp_path, tiny_models, backend
 ) -> None:
-    extra = "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 700}\n  vllm: {dtype: float32, max_model_len: 4096, enforce_eager: true, cpu_kvcache_gb: 1}\n"
-    path = write_config(tmp_path, models, extra)
+    generate = {**GENERATE, "max_attempts_factor": 1.0, "sampling": {"max_tokens": 700}, "vllm": VLLM}
+    path = write_config(tmp_path, tiny_models, **RUN, generate=generate)
     args = (
         f"generate.backend={backend}",
         "generate.num_examples=8",
@@ -208,7 +184,7 @@ def test_a_teacher_under_the_grammar_is_rejected_only_for_what_the_grammar_canno
     recs = load_records(tmp_path / "runs/g/generate")
     assert len(recs) >= 12 and all(r["output_tokens"] > 0 for r in recs), constrained.stderr
     assert {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES
-    check_captured_distribution(tmp_path / "runs/g/generate", models / "teacher", 5)
+    check_captured_distribution(tmp_path / "runs/g/generate", tiny_models / "teacher", 5)
     free = run_cli("generate", str(path), *args, "run_name=free", env=VLLM_ENV)
     assert "ran out of attempts" in free.stderr  # a random teacher, free, writes no valid program...
     reasons = {x for r in load_records(tmp_path / "runs/free/generate") for x in r["reasons"]}
@@ -253,7 +229,7 @@ class _FlakyProxy(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) -> None:
+def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, tiny_models) -> None:
     import httpx
 
     from distill.serving.fleet import free_port
@@ -265,7 +241,7 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            str(models / "teacher"),
+            str(tiny_models / "teacher"),
             "--served-model-name",
             "teacher",
             "--host",
@@ -296,11 +272,9 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
                 time.sleep(1)
         else:
             pytest.fail("vLLM server did not start")
-        extra = (
-            "  max_attempts_factor: 1.0\n  sampling: {max_tokens: 16}\n"
-            f"  openai: {{base_url: 'http://127.0.0.1:{proxy.server_address[1]}/v1', model: teacher, concurrency: 2}}\n"
-        )
-        path = write_config(tmp_path, models, extra)
+        openai = {"base_url": f"http://127.0.0.1:{proxy.server_address[1]}/v1", "model": "teacher", "concurrency": 2}
+        generate = {**GENERATE, "max_attempts_factor": 1.0, "sampling": {"max_tokens": 16}, "openai": openai}
+        path = write_config(tmp_path, tiny_models, **RUN, generate=generate)
         result = run_cli(
             "generate",
             str(path),
@@ -329,7 +303,7 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, models) 
         )
         recs = load_records(tmp_path / "runs/g2/generate")
         assert len(recs) >= 5 and {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES, result.stderr
-        check_captured_distribution(tmp_path / "runs/g2/generate", models / "teacher", 5)
+        check_captured_distribution(tmp_path / "runs/g2/generate", tiny_models / "teacher", 5)
     finally:
         proxy.shutdown()
         os.killpg(server.pid, signal.SIGTERM)
@@ -345,12 +319,17 @@ def test_rouge_l_known_values() -> None:
     assert abs(rouge_l("a b c d", "a x c y d") - 2 * 0.75 * 0.6 / 1.35) < 1e-9
 
 
-def test_self_instruct_pool_with_a_real_teacher(tmp_path, models) -> None:
+def test_self_instruct_pool_with_a_real_teacher(tmp_path, tiny_models) -> None:
     from distill.selfinstruct import load_seeds, request_pool, rouge_l
     from distill.teachers import make_teacher
 
-    extra = "  sampling: {max_tokens: 24, temperature: 1.0}\n  self_instruct: {enabled: true, num_requests: 3, in_context: 4}\n"
-    cfg = load_config(write_config(tmp_path, models, extra), ["generate.backend=transformers"])
+    generate = {
+        **GENERATE,
+        "sampling": {"max_tokens": 24, "temperature": 1.0},
+        "self_instruct": {"enabled": True, "num_requests": 3, "in_context": 4},
+    }
+    path = write_config(tmp_path, tiny_models, **RUN, generate=generate)
+    cfg = load_config(path, ["generate.backend=transformers"])
     task = crew_task(cfg.seed)
     teacher = make_teacher(cfg, task)
     pool = request_pool(cfg, task, tmp_path / "gen", teacher)
@@ -362,11 +341,11 @@ def test_self_instruct_pool_with_a_real_teacher(tmp_path, models) -> None:
     assert request_pool(cfg, task, tmp_path / "gen", teacher) == pool  # bootstrapped once, then reused
     teacher.close()
 
-    res = run_cli("generate", str(write_config(tmp_path, models, extra)))
+    res = run_cli("generate", str(path))
     assert res.returncode == 1 and "needs a language-model teacher" in res.stderr
 
 
-def test_prompts_carry_a_request(tmp_path, models) -> None:
+def test_prompts_carry_a_request() -> None:
     prompt = "Intro line.\n\nProfile:\n- role: pilot"
     out = crew_task().self_instruct().with_request(prompt, "I fly long-haul and my back hurts.")
     assert out.startswith('Intro line.\nThe crew member also writes: "I fly long-haul and my back hurts."')

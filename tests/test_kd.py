@@ -2,26 +2,16 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check_captured_distribution, crew_task, kill_9_then_resume
+from conftest import check_captured_distribution, crew_task, kill_9_then_resume, write_config
 
-from distill.config import TinyModelsConfig, load_config
+from distill.config import load_config
 from distill.errors import DistillError
 from distill.kd import EXACT, NONE, ULD, Aligner, TokenLogprobs, pack, unpack, vocab_bytes
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    """The tiny teacher (byte-level BPE) and student (SentencePiece with byte fallback)."""
-    from distill.models import build_tiny
-
-    out = tmp_path_factory.mktemp("models")
-    build_tiny(out, TinyModelsConfig(seed=0, corpus_size=60), crew_task())
-    return out
-
+# `tiny_models`: a cross-tokenizer pair, the teacher byte-level BPE, the student SentencePiece with byte fallback
 
 # ── storage ───────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -38,18 +28,18 @@ def test_pack_round_trips_and_pads_short_rows() -> None:
 # ── alignment ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def test_vocab_bytes_spell_what_each_tokenizer_decodes(models) -> None:
+def test_vocab_bytes_spell_what_each_tokenizer_decodes(tiny_models) -> None:
     """Byte-level BPE and SentencePiece pieces (with "▁" spaces and <0xNN> byte fallback) read as bytes."""
     from transformers import AutoTokenizer
 
     text = "Squat: 3x8 @ 42.5 kg — é, ü, 😀\n- rest 60 s"
     for role in ("teacher", "student"):
-        tok = AutoTokenizer.from_pretrained(models / role)
+        tok = AutoTokenizer.from_pretrained(tiny_models / role)
         table = vocab_bytes(tok)
         ids = tok(text, add_special_tokens=False).input_ids
         assert b"".join(table[i] for i in ids).decode() == text, role
         assert table[tok.eos_token_id] is None  # the end of turn spells no text
-    student = AutoTokenizer.from_pretrained(models / "student")
+    student = AutoTokenizer.from_pretrained(tiny_models / "student")
     pieces = student.convert_ids_to_tokens(student("😀", add_special_tokens=False).input_ids)
     assert all(p.startswith("<0x") for p in pieces), pieces  # the emoji really went through byte fallback
 
@@ -121,18 +111,18 @@ def test_trailing_text_before_the_teachers_end_leaves_the_end_of_turn_unaligned(
     assert route.tolist() == [EXACT, NONE]  # the teacher wrote "\n" first: its <eos> is not at the answer's end
 
 
-def test_real_tokenizers_cover_most_response_tokens(models) -> None:
+def test_real_tokenizers_cover_most_response_tokens(tiny_models) -> None:
     """Teacher tokens of real answers (greedy tokenization) onto the student's: most map, the eot always."""
     from transformers import AutoTokenizer
 
     from distill.kd import load_aligner
     from distill.sft_data import IGNORE, encode_example
 
-    teacher = AutoTokenizer.from_pretrained(models / "teacher")
+    teacher = AutoTokenizer.from_pretrained(tiny_models / "teacher")
     task = crew_task()
     for role in ("student", "teacher"):
-        student = AutoTokenizer.from_pretrained(models / role)
-        al = load_aligner(str(models / "teacher"), student, uld=True, align=True)
+        student = AutoTokenizer.from_pretrained(tiny_models / role)
+        al = load_aligner(str(tiny_models / "teacher"), student, uld=True, align=True)
         totals: dict[str, int] = {}
         for i in range(4):
             answer = task.example("train", i).reference
@@ -247,30 +237,41 @@ def test_chunked_kd_loss_and_gradients_equal_the_naive_full_logits_objective(div
 # ── capture, storage and training, end to end ─────────────────────────────────────────────────────────────
 
 
-def write_config(tmp_path: Path, models: Path, extra: str = "", n: int = 6) -> Path:
-    path = tmp_path / "kd.yaml"
-    path.write_text(
-        f"run_name: kd\nrun_dir: {tmp_path / 'runs'}\nseed: 0\n"
-        f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-        "task: {catalog_mode: allowed, history_len: 3}\n"
-        f"generate:\n  backend: transformers\n  grammar: true\n  logprobs: 5\n  num_examples: {n}\n"
-        "  validation_examples: 0\n  test_examples: 0\n  batch_size: 3\n"
-        "  sampling: {temperature: 1.0, top_p: 1.0, top_k: -1, max_tokens: 400}\n"
-        "train:\n  objective: kd\n  lora: {r: 8, alpha: 16}\n  lr: 5.0e-3\n  warmup_steps: 1\n  batch_size: 2\n"
-        "  grad_accum: 1\n  max_length: 3072\n  precision: fp32\n  gradient_checkpointing: false\n  save_steps: 2\n"
-        "  logging_steps: 1\n  loss_chunk_size: 64\n" + extra
-    )
-    return path
+KD_RUN = {"run_name": "kd", "seed": 0, "task": {"catalog_mode": "allowed", "history_len": 3}}
+CAPTURE = {
+    "backend": "transformers",
+    "grammar": True,
+    "logprobs": 5,
+    "num_examples": 6,
+    "validation_examples": 0,
+    "test_examples": 0,
+    "batch_size": 3,
+    "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_tokens": 400},
+}
+KD_TRAIN = {
+    "objective": "kd",
+    "lora": {"r": 8, "alpha": 16},
+    "lr": 5.0e-3,
+    "warmup_steps": 1,
+    "batch_size": 2,
+    "grad_accum": 1,
+    "max_length": 3072,
+    "precision": "fp32",
+    "gradient_checkpointing": False,
+    "save_steps": 2,
+    "logging_steps": 1,
+    "loss_chunk_size": 64,
+}
 
 
-def test_capture_then_kd_training_with_lora(tmp_path, models) -> None:
+def test_capture_then_kd_training_with_lora(tmp_path, tiny_models) -> None:
     from distill.artifacts import read_manifest
     from distill.plan import distribution_bytes_per_token
     from distill.stages import generate, train
 
-    cfg = load_config(write_config(tmp_path, models))
+    cfg = load_config(write_config(tmp_path, tiny_models, **KD_RUN, generate=CAPTURE, train=KD_TRAIN))
     folder = generate.run(cfg)
-    check_captured_distribution(folder, models / "teacher", 5, ends_with_eos=True)
+    check_captured_distribution(folder, tiny_models / "teacher", 5, ends_with_eos=True)
     stats = read_manifest(folder)["metrics"]["logprobs"]
     # what `distill plan` projects per token is what the dataset really takes
     assert stats["k"] == 5 and stats["bytes_per_token"] == pytest.approx(distribution_bytes_per_token(5), rel=0.05)
@@ -287,15 +288,15 @@ def test_capture_then_kd_training_with_lora(tmp_path, models) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_during_capture_then_resume_keeps_records_and_distributions_in_step(tmp_path, models) -> None:
-    path = write_config(tmp_path, models, n=18)
+def test_kill_9_during_capture_then_resume_keeps_records_and_distributions_in_step(tmp_path, tiny_models) -> None:
+    path = write_config(tmp_path, tiny_models, **KD_RUN, generate={**CAPTURE, "num_examples": 18}, train=KD_TRAIN)
     before = kill_9_then_resume(path, tmp_path / "runs/kd/generate/shards/shard-0-of-1/records.jsonl", 6, 300)
     assert 6 <= before.count(b"\n") < 18, "the run must be killed mid-way"
-    check_captured_distribution(tmp_path / "runs/kd/generate", models / "teacher", 5, ends_with_eos=True)
+    check_captured_distribution(tmp_path / "runs/kd/generate", tiny_models / "teacher", 5, ends_with_eos=True)
 
 
-def test_bad_input_is_one_line_and_changes_nothing(tmp_path, models, cli) -> None:
-    path = write_config(tmp_path, models)
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path, tiny_models, cli) -> None:
+    path = write_config(tmp_path, tiny_models, **KD_RUN, generate=CAPTURE, train=KD_TRAIN)
     for setting, words in (
         ("generate.backend=reference generate.grammar=false", "generate.logprobs: the reference backend"),
         ("generate.backend=openai generate.logprobs=21", "at most 20"),
@@ -304,13 +305,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, models, cli) -> Non
         assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "runs/kd/generate").exists()
     # a dataset without the distribution: kd names the generate option, and the dataset is untouched
-    text = (
-        path.read_text()
-        .replace("backend: transformers", "backend: reference")
-        .replace("grammar: true", "grammar: false")
-    )
-    plain = tmp_path / "plain.yaml"
-    plain.write_text(text.replace("logprobs: 5", "logprobs: 0"))
+    generate = {**CAPTURE, "backend": "reference", "grammar": False, "logprobs": 0}
+    plain = write_config(tmp_path, tiny_models, name="plain.yaml", **KD_RUN, generate=generate, train=KD_TRAIN)
     assert cli("generate", str(plain)).returncode == 0
     dataset = tmp_path / "runs/kd/generate/dataset"
     before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
@@ -319,13 +315,13 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, models, cli) -> Non
     assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
 
 
-def test_different_tokenizers_without_alignment_is_an_error(models) -> None:
+def test_different_tokenizers_without_alignment_is_an_error(tiny_models) -> None:
     from transformers import AutoTokenizer
 
     from distill.kd import load_aligner
 
-    student = AutoTokenizer.from_pretrained(models / "student")
+    student = AutoTokenizer.from_pretrained(tiny_models / "student")
     with pytest.raises(DistillError, match="train.kd.align"):
-        load_aligner(str(models / "teacher"), student, uld=True, align=False)
-    same = AutoTokenizer.from_pretrained(models / "teacher")
-    assert load_aligner(str(models / "teacher"), same, uld=True, align=False).same
+        load_aligner(str(tiny_models / "teacher"), student, uld=True, align=False)
+    same = AutoTokenizer.from_pretrained(tiny_models / "teacher")
+    assert load_aligner(str(tiny_models / "teacher"), same, uld=True, align=False).same

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_exported_run, run_cli
+from conftest import REPO, make_exported_run, run_cli, write_config
 
 from distill.config import load_config
 from distill.errors import DistillError
 
-TOY = "task: {kind: python, factory: 'toy_task:make', options: {max_words: 1000}}\n"
+TOY = {"kind": "python", "factory": "toy_task:make", "options": {"max_words": 1000}}
 SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -56,11 +56,17 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
     from distill.stages.eval import run as evaluate
     from distill.stages.serve import run as serve
 
-    serve_cfg = (
-        "serve: {max_instances: 1, max_slots: 2, concurrency: [2], requests: 3, max_tokens: 12, context: 512, "
-        "ready_timeout_s: 60}\n"
-    )
-    path = make_exported_run(tmp_path, TOY + serve_cfg + "eval: {num_prompts: 3, max_new_tokens: 12}\n")
+    serve_cfg = {
+        "max_instances": 1,
+        "max_slots": 2,
+        "concurrency": [2],
+        "requests": 3,
+        "max_tokens": 12,
+        "context": 512,
+        "ready_timeout_s": 60,
+    }
+    # tiny models of its own, with the toy task's tokenizers: no crew code anywhere
+    path = make_exported_run(tmp_path, task=TOY, serve=serve_cfg, eval={"num_prompts": 3, "max_new_tokens": 12})
     cfg = load_config(path)
     data = load_from_disk(str(cfg.run_path / "generate/dataset"))
     row = data["test"][0]
@@ -87,17 +93,20 @@ def test_toy_task_drives_generate_eval_and_serve(tmp_path) -> None:
     assert "notes/s" in (cfg.run_path / "serve/report.md").read_text()
 
 
-def _jsonl_config(tmp_path: Path, rows: list[dict] | str, task: str, schema: object = SCHEMA) -> Path:
+def _jsonl_config(
+    tmp_path: Path, rows: list[dict] | str, task: str, schema: object = SCHEMA, tiny: dict | None = None
+) -> Path:
     inputs = tmp_path / "inputs.jsonl"
     inputs.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "schema.json").write_text(schema if isinstance(schema, str) else json.dumps(schema))
-    path = tmp_path / "cfg.yaml"
-    path.write_text(
-        f"run_name: j\nrun_dir: {tmp_path / 'runs'}\nmodels: {{teacher: {tmp_path}/t, student: {tmp_path}/s}}\n"
-        f"task: {{kind: jsonl, files: [{inputs}], {task}}}\n"
-        "generate: {backend: reference, num_examples: 4, validation_examples: 1, test_examples: 1}\n"
+    return write_config(
+        tmp_path,
+        {"teacher": tmp_path / "t", "student": tmp_path / "s"},
+        run_name="j",
+        tiny=tiny,
+        task=f"{{kind: jsonl, files: [{inputs}], {task}}}",
+        generate={"backend": "reference", "num_examples": 4, "validation_examples": 1, "test_examples": 1},
     )
-    return path
 
 
 def _rows(n: int = 60) -> list[dict]:
@@ -189,17 +198,14 @@ def test_jsonl_gold_answers_are_the_reference_teacher(tmp_path) -> None:
 
     from distill.stages.generate import run as generate
 
+    # the pipeline builds tiny models of this task's own text (`models.tiny`), the smallest shapes
+    shape = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
     path = _jsonl_config(
         tmp_path,
         _rows(),
         f"prompt_template: 'Order: {{text}}', id_field: id, group_field: shop, reference_field: gold, json_schema: {tmp_path}/schema.json",
+        tiny={"seed": 0, "vocab_size": 512, "corpus_size": 40, "teacher": shape, "student": shape},
     )
-    tiny = "  tiny: {seed: 0, vocab_size: 512, corpus_size: 40, teacher: {hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}, student: {hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}}\n"
-    text = path.read_text().replace(
-        f"models: {{teacher: {tmp_path}/t, student: {tmp_path}/s}}\n",
-        f"models:\n  teacher: {tmp_path}/t\n  student: {tmp_path}/s\n{tiny}",
-    )
-    path.write_text(text)
     data = load_from_disk(str(generate(load_config(path)) / "dataset"))
     gold = {r["id"]: r for r in _rows()}
     for split in data.values():

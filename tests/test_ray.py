@@ -11,36 +11,24 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, crew_task, run_cli
+from conftest import REPO, run_cli, write_config
 
 from distill.config import load_config
 
-RAY = "  engine: ray\n  ray: {actors: 2}\n"
+CREW = {"seed": 1, "task": {"kind": "crew", "catalog_mode": "allowed", "history_len": 3}}
+RAY = {"engine": "ray", "ray": {"actors": 2}}
+REFERENCE = {"backend": "reference", "batch_size": 16, "num_examples": 40, "validation_examples": 6, "test_examples": 5}
 # a random teacher writes programs only under the grammar: every answer is then accepted, so a run's
 # length is known, and each batch takes the tiny teacher a few seconds: long enough to kill something in
-SLOW = "  backend: transformers\n  grammar: true\n  batch_size: 4\n  sampling: {max_tokens: 700}\n"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    from distill.config import TinyModelsConfig
-    from distill.models import build_tiny
-
-    out = tmp_path_factory.mktemp("models")
-    build_tiny(out, TinyModelsConfig(seed=0, corpus_size=60), crew_task())
-    return out
-
-
-def write_config(tmp_path: Path, models: Path, name: str, generate: str, sizes: tuple[int, int, int]) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(
-        f"run_name: {name}\nrun_dir: {tmp_path / 'runs'}\nseed: 1\n"
-        f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-        "task: {kind: crew, catalog_mode: allowed, history_len: 3}\n"
-        f"generate:\n  num_examples: {sizes[0]}\n  validation_examples: {sizes[1]}\n  test_examples: {sizes[2]}\n"
-        + generate
-    )
-    return path
+SLOW = {
+    "backend": "transformers",
+    "grammar": True,
+    "batch_size": 4,
+    "sampling": {"max_tokens": 700},
+    "num_examples": 12,
+    "validation_examples": 2,
+    "test_examples": 2,
+}
 
 
 def records(tmp_path: Path, name: str) -> list[dict]:
@@ -76,14 +64,15 @@ def wait_for_records(tmp_path: Path, name: str, count: int, proc: subprocess.Pop
         time.sleep(0.3)
 
 
-def test_ray_engine_writes_the_same_dataset_as_the_local_engine(tmp_path, models) -> None:
+def test_ray_engine_writes_the_same_dataset_as_the_local_engine(tmp_path, tiny_models) -> None:
     from datasets import load_from_disk
 
     from distill.artifacts import read_manifest
 
-    sizes = (40, 6, 5)
-    local = write_config(tmp_path, models, "local", "  backend: reference\n  batch_size: 16\n", sizes)
-    cluster = write_config(tmp_path, models, "cluster", "  backend: reference\n  batch_size: 16\n" + RAY, sizes)
+    local = write_config(tmp_path, tiny_models, name="local.yaml", run_name="local", **CREW, generate=REFERENCE)
+    cluster = write_config(
+        tmp_path, tiny_models, name="cluster.yaml", run_name="cluster", **CREW, generate={**REFERENCE, **RAY}
+    )
     for config in (local, cluster):
         result = run_cli("generate", str(config))
         assert result.returncode == 0, result.stderr
@@ -112,8 +101,8 @@ def test_ray_engine_writes_the_same_dataset_as_the_local_engine(tmp_path, models
 
 
 @pytest.mark.slow
-def test_a_killed_replica_is_restarted_and_the_run_ends_exact(tmp_path, models) -> None:
-    config = write_config(tmp_path, models, "replica", SLOW + RAY, (12, 2, 2))
+def test_a_killed_replica_is_restarted_and_the_run_ends_exact(tmp_path, tiny_models) -> None:
+    config = write_config(tmp_path, tiny_models, run_name="replica", **CREW, generate={**SLOW, **RAY})
     proc = start(config)
     wait_for_records(tmp_path, "replica", 4, proc)
     replicas = [
@@ -128,8 +117,8 @@ def test_a_killed_replica_is_restarted_and_the_run_ends_exact(tmp_path, models) 
 
 
 @pytest.mark.slow
-def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(tmp_path, models) -> None:
-    config = write_config(tmp_path, models, "driver", SLOW + RAY, (12, 2, 2))
+def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(tmp_path, tiny_models) -> None:
+    config = write_config(tmp_path, tiny_models, run_name="driver", **CREW, generate={**SLOW, **RAY})
     proc = start(config)
     wait_for_records(tmp_path, "driver", 4, proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -147,8 +136,8 @@ def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, models) -> None:
-    config = write_config(tmp_path, models, "term", SLOW + RAY, (12, 2, 2))
+def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, tiny_models) -> None:
+    config = write_config(tmp_path, tiny_models, run_name="term", **CREW, generate={**SLOW, **RAY})
     proc = start(config)
     wait_for_records(tmp_path, "term", 4, proc)
     proc.terminate()
@@ -159,10 +148,9 @@ def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, models) -> Non
 
 
 @pytest.mark.slow
-def test_a_replica_that_keeps_dying_is_one_line_and_keeps_what_is_done(tmp_path, models) -> None:
-    config = write_config(
-        tmp_path, models, "dies", SLOW + "  engine: ray\n  ray: {actors: 2, max_restarts: 0}\n", (12, 2, 2)
-    )
+def test_a_replica_that_keeps_dying_is_one_line_and_keeps_what_is_done(tmp_path, tiny_models) -> None:
+    generate = {**SLOW, "engine": "ray", "ray": {"actors": 2, "max_restarts": 0}}
+    config = write_config(tmp_path, tiny_models, run_name="dies", **CREW, generate=generate)
     proc = start(config)
     wait_for_records(tmp_path, "dies", 4, proc)
     kept = records(tmp_path, "dies")
@@ -177,10 +165,16 @@ def test_a_replica_that_keeps_dying_is_one_line_and_keeps_what_is_done(tmp_path,
     assert ray_leftovers() == []
 
 
-def test_ray_input_errors(tmp_path, models, monkeypatch) -> None:
-    config = write_config(
-        tmp_path, models, "bad", "  backend: reference\n  engine: ray\n  ray: {address: '127.0.0.1:9'}\n", (4, 1, 1)
-    )
+def test_ray_input_errors(tmp_path, tiny_models, monkeypatch) -> None:
+    generate = {
+        "backend": "reference",
+        "num_examples": 4,
+        "validation_examples": 1,
+        "test_examples": 1,
+        "engine": "ray",
+        "ray": {"address": "127.0.0.1:9"},
+    }
+    config = write_config(tmp_path, tiny_models, run_name="bad", **CREW, generate=generate)
     result = run_cli("generate", str(config))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "generate.ray.address: no Ray cluster answers at 127.0.0.1:9" in result.stderr

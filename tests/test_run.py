@@ -8,30 +8,41 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI, REPO, run_cli
+from conftest import CLI, REPO, run_cli, write_config
 
-CONFIG = """\
-run_name: r
-run_dir: {root}/runs
-models:
-  teacher: {root}/models/teacher
-  student: {root}/models/student
-  tiny: {{seed: 3, corpus_size: 40, vocab_size: 1024}}
-generate: {{backend: reference, num_examples: 8, validation_examples: 2, test_examples: 3}}
-train: {{lora: {{r: 4, alpha: 8}}, precision: fp32, max_steps: 3, batch_size: 2, grad_accum: 1, lr: 1.0e-3,
-         gradient_checkpointing: false, save_steps: 2, logging_steps: 1}}
-merge: {{dtype: float32, check_prompts: 2}}
-export: {{check_prompts: 2}}
-serve: {{max_instances: 1, max_slots: 2, concurrency: [1], requests: 2, max_tokens: 16, context: 4096,
-        ready_timeout_s: 60}}
-eval: {{num_prompts: 3, max_new_tokens: 16, models: [teacher, base, merged, gguf]}}
-"""
+# `distill run` builds its models from `models.tiny` (the pipeline's own path to them, under test here)
+TINY = {"seed": 3, "corpus_size": 40, "vocab_size": 1024}
+SECTIONS = {
+    "generate": {"backend": "reference", "num_examples": 8, "validation_examples": 2, "test_examples": 3},
+    "train": {
+        "lora": {"r": 4, "alpha": 8},
+        "precision": "fp32",
+        "max_steps": 3,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "lr": 1.0e-3,
+        "gradient_checkpointing": False,
+        "save_steps": 2,
+        "logging_steps": 1,
+    },
+    "merge": {"dtype": "float32", "check_prompts": 2},
+    "export": {"check_prompts": 2},
+    "serve": {
+        "max_instances": 1,
+        "max_slots": 2,
+        "concurrency": [1],
+        "requests": 2,
+        "max_tokens": 16,
+        "context": 4096,
+        "ready_timeout_s": 60,
+    },
+    "eval": {"num_prompts": 3, "max_new_tokens": 16, "models": ["teacher", "base", "merged", "gguf"]},
+}
 
 
 @pytest.mark.slow
 def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONFIG.format(root=tmp_path))
+    config = write_config(tmp_path, tmp_path / "models", name="tiny.yaml", run_name="r", tiny=TINY, **SECTIONS)
     run = tmp_path / "runs" / "r"
 
     first = run_cli("run", str(config), "--until", "merge")
@@ -87,8 +98,7 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
 
 
 def test_run_stage_selection_errors(tmp_path: Path) -> None:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONFIG.format(root=tmp_path))
+    config = write_config(tmp_path, tmp_path / "models", name="tiny.yaml", run_name="r", tiny=TINY, **SECTIONS)
     result = run_cli("run", str(config), "--from", "evaluate")
     assert result.returncode == 1 and "--from evaluate: unknown stage" in result.stderr
     result = run_cli("run", str(config), "--from", "eval", "--until", "train")
@@ -103,10 +113,8 @@ def test_teacher_size_only_where_a_teacher_model_wrote_the_data(tmp_path) -> Non
     from distill.report import _sizes
     from distill.stages.export import known_teacher_params
 
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        f"run_name: s\nrun_dir: {tmp_path}\nmodels: {{teacher: Qwen/Qwen3-4B, student: s, teacher_arch: {REPO}/configs/arch/qwen3-4b.json}}\n"
-    )
+    models = {"teacher": "Qwen/Qwen3-4B", "student": "s", "teacher_arch": REPO / "configs/arch/qwen3-4b.json"}
+    path = write_config(tmp_path, models, run_name="s", run_dir=tmp_path)
     assert known_teacher_params(load_config(path, ["generate.backend=reference"])) is None
     assert (
         known_teacher_params(load_config(path, ["generate.backend=openai", "models.teacher_arch=null"])) is None

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, make_exported_run, run_cli
+from conftest import REPO, run_cli, trained_run_config, write_config
 
 from distill.config import load_config
 from distill.serving.load import Outcome, capacity, summarize
 
-SERVE = (
-    "serve: {max_instances: 2, max_slots: 3, concurrency: [1, 3], requests: 4, max_tokens: 24, context: 2048, "
-    "ready_timeout_s: 60}\n"
-)
+SERVE = {
+    "max_instances": 2,
+    "max_slots": 3,
+    "concurrency": [1, 3],
+    "requests": 4,
+    "max_tokens": 24,
+    "context": 2048,
+    "ready_timeout_s": 60,
+}
 
 
 def test_goodput_and_capacity_on_known_latencies() -> None:
@@ -103,8 +108,7 @@ def test_llama_server_is_the_configured_one_else_beside_python_else_on_path(monk
 
 
 def test_missing_gguf_names_the_command(tmp_path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text(f"run_name: s\nrun_dir: {tmp_path}\nmodels: {{teacher: a, student: b}}\n")
+    path = write_config(tmp_path, run_name="s", run_dir=tmp_path)
     res = run_cli("serve", str(path))
     assert res.returncode == 1 and "export/manifest.json not found: run `distill export" in res.stderr
     res = run_cli("deploy", str(path))
@@ -112,8 +116,9 @@ def test_missing_gguf_names_the_command(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return make_exported_run(tmp_path_factory.mktemp("serve"), SERVE)
+def exported(exported_run, tiny_models) -> Path:
+    """The session's exported run, served under this module's own config beside it."""
+    return trained_run_config(exported_run.parent, tiny_models, name="serve.yaml", serve=SERVE)
 
 
 @pytest.fixture(scope="module")

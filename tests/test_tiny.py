@@ -2,12 +2,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import crew_task
+from conftest import crew_task, write_config
 
 from distill.config import TinyModelsConfig
 from distill.models import build_tiny
 
-SPEC = TinyModelsConfig(seed=3, corpus_size=60)
+SPEC = TinyModelsConfig(seed=3, corpus_size=60)  # the builder is under test here: builds of its own, not `tiny_models`
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +98,7 @@ def test_changed_spec_rebuilds_configured_folders(tmp_path) -> None:
     from distill.config import load_config
     from distill.models import ensure_models
 
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(
-        f"run_name: t\nmodels:\n  teacher: {tmp_path}/m/teacher\n  student: {tmp_path}/m/student\n"
-        "  tiny: {seed: 1, corpus_size: 20}\n"
-    )
+    cfg_path = write_config(tmp_path, tmp_path / "m", run_dir=None, tiny={"seed": 1, "corpus_size": 20})
     ensure_models(load_config(cfg_path))
     first = _digest(tmp_path / "m/student")
     ensure_models(load_config(cfg_path))  # unchanged spec: kept as is

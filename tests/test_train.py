@@ -7,21 +7,23 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, crew_task, run_cli
+from conftest import REPO, crew_task, run_cli, write_config
 
-from distill.config import TinyModelsConfig, load_config
+from distill.config import load_config
 from distill.errors import DistillError
 
-SPEC = TinyModelsConfig(seed=0, corpus_size=60)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    from distill.models import build_tiny
-
-    out = tmp_path_factory.mktemp("models")
-    build_tiny(out, SPEC, crew_task())
-    return out
+TRAIN = {
+    "lora": {"r": 8, "alpha": 16},
+    "lr": 5e-3,
+    "warmup_steps": 1,
+    "batch_size": 4,
+    "grad_accum": 2,
+    "max_length": 512,
+    "precision": "fp32",
+    "gradient_checkpointing": False,
+    "save_steps": 2,
+    "logging_steps": 1,
+}
 
 
 def examples(n: int) -> list[dict]:
@@ -37,31 +39,15 @@ def examples(n: int) -> list[dict]:
 
 
 def make_run(
-    tmp_path: Path,
-    models: Path,
-    n: int = 24,
-    extra: str = "",
-    columns: tuple[str, ...] = ("id", "prompt", "response"),
-    r: int = 8,
-    lr: float = 5e-3,
-    save_steps: int = 2,
-    grad_accum: int = 2,
+    tmp_path: Path, models: Path, n: int = 24, columns: tuple[str, ...] = ("id", "prompt", "response"), **train
 ) -> Path:
-    """A config plus a finished generate stage holding `n` examples."""
+    """A config (TRAIN with `train`'s changes) plus a finished generate stage holding `n` examples."""
     from datasets import Dataset, DatasetDict
 
     from distill.artifacts import StageRecord, prepare_output, stage_dir
 
-    path = tmp_path / "train.yaml"
-    path.write_text(
-        f"run_name: t\nrun_dir: {tmp_path / 'runs'}\nseed: 0\n"
-        f"models: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-        f"generate: {{backend: reference, num_examples: {n}, validation_examples: 0, test_examples: 0}}\n"
-        f"train:\n  lora: {{r: {r}, alpha: {2 * r}}}\n"
-        f"  lr: {lr:.1e}\n  warmup_steps: 1\n  batch_size: 4\n  grad_accum: {grad_accum}\n"
-        f"  max_length: 512\n  precision: fp32\n  gradient_checkpointing: false\n  save_steps: {save_steps}\n  logging_steps: 1\n"
-        + extra
-    )
+    generate = {"backend": "reference", "num_examples": n, "validation_examples": 0, "test_examples": 0}
+    path = write_config(tmp_path, models, seed=0, generate=generate, train={**TRAIN, **train})
     cfg = load_config(path)
     prepare_output(cfg, "generate", overwrite=False)
     rows = examples(n)
@@ -71,12 +57,12 @@ def make_run(
     return path
 
 
-def test_unmasked_labels_are_exactly_response_and_end_of_turn(models) -> None:
+def test_unmasked_labels_are_exactly_response_and_end_of_turn(tiny_models) -> None:
     from transformers import AutoTokenizer
 
     from distill.sft_data import IGNORE, Collator, encode_example
 
-    tok = AutoTokenizer.from_pretrained(models / "student")
+    tok = AutoTokenizer.from_pretrained(tiny_models / "student")
     rows = examples(6)
     batch = Collator(tok.pad_token_id)(
         [vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in rows]
@@ -95,12 +81,12 @@ def test_unmasked_labels_are_exactly_response_and_end_of_turn(models) -> None:
         assert all(int(t) == IGNORE for t in labels[n_real:])
 
 
-def test_example_without_trainable_tokens_fails_loudly(models) -> None:
+def test_example_without_trainable_tokens_fails_loudly(tiny_models) -> None:
     from transformers import AutoTokenizer
 
     from distill.sft_data import encode_example
 
-    tok = AutoTokenizer.from_pretrained(models / "student")
+    tok = AutoTokenizer.from_pretrained(tiny_models / "student")
     with pytest.raises(DistillError, match="example x1: no trainable tokens"):
         encode_example(tok, "a long prompt " * 50, "Workout 1: push", 20, "x1")
     # too long but with answer tokens left: cut at the end, flagged, the prompt intact
@@ -112,25 +98,25 @@ def test_example_without_trainable_tokens_fails_loudly(models) -> None:
 
 
 @pytest.mark.parametrize("softcap", [None, 0.05])  # the random logits are small: 0.05 makes tanh saturate
-def test_chunked_response_loss_equals_full_logits_loss(models, softcap) -> None:
+def test_chunked_response_loss_equals_full_logits_loss(tiny_models, softcap) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.loss import attach_response_loss
     from distill.sft_data import Collator, encode_example
 
-    tok = AutoTokenizer.from_pretrained(models / "student")
+    tok = AutoTokenizer.from_pretrained(tiny_models / "student")
     batch = Collator(tok.pad_token_id)(
         [vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in examples(3)]
     )
 
-    reference = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models / "student", dtype=torch.float32)
     reference.config.final_logit_softcapping = softcap
     full = reference(**batch).loss  # HF's plain loss over full-vocabulary logits
     full.backward()
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
 
-    ours = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_models / "student", dtype=torch.float32)
     ours.config.final_logit_softcapping = softcap
     attach_response_loss(ours, chunk_size=37)  # a chunk size that does not divide the token count
     loss = ours(**batch).loss
@@ -142,7 +128,7 @@ def test_chunked_response_loss_equals_full_logits_loss(models, softcap) -> None:
 
 
 @pytest.mark.slow
-def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, models) -> None:
+def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, tiny_models) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -150,7 +136,7 @@ def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, model
     from distill.stages.train import run
 
     # r=32 puts every adapter matrix at >= 4096 values, bitsandbytes' threshold for 8-bit state
-    cfg = load_config(make_run(tmp_path, models, n=24, extra="  epochs: 2\n", r=32))
+    cfg = load_config(make_run(tmp_path, tiny_models, n=24, epochs=2, lora={"r": 32, "alpha": 64}))
     folder = run(cfg)
     metrics = read_manifest(folder)["metrics"]
     assert metrics["steps"] == metrics["planned_steps"] == 6  # 24 examples / (4 x 2) x 2 epochs
@@ -177,8 +163,8 @@ def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, model
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
-    path = make_run(tmp_path, models, n=64, extra="  epochs: 2\n")
+def test_kill_9_then_resume_finishes_planned_steps(tmp_path, tiny_models) -> None:
+    path = make_run(tmp_path, tiny_models, n=64, epochs=2)
     checkpoints = tmp_path / "runs/t/train/checkpoints"
     proc = subprocess.Popen(
         [sys.executable, "-m", "distill.cli", "train", str(path)],
@@ -204,7 +190,7 @@ def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
 
     from distill.sft_data import encode_example
 
-    tok = AutoTokenizer.from_pretrained(models / "student")
+    tok = AutoTokenizer.from_pretrained(tiny_models / "student")
     lengths = [len(encode_example(tok, r["prompt"], r["response"], 512, r["id"]).input_ids) for r in examples(64)]
     assert manifest["metrics"]["train_tokens"] == 2 * sum(lengths)
     # finished: a re-run is skipped
@@ -213,17 +199,14 @@ def test_kill_9_then_resume_finishes_planned_steps(tmp_path, models) -> None:
 
 
 @pytest.mark.slow
-def test_input_errors(tmp_path, models) -> None:
-    path = tmp_path / "none.yaml"
-    path.write_text(
-        f"run_name: t\nrun_dir: {tmp_path / 'r'}\nmodels: {{teacher: {models / 'teacher'}, student: {models / 'student'}}}\n"
-    )
+def test_input_errors(tmp_path, tiny_models) -> None:
+    path = write_config(tmp_path, tiny_models, name="none.yaml", run_dir="r")
     result = run_cli("train", str(path))
     assert result.returncode == 1 and "generate/manifest.json not found: run `distill generate" in result.stderr
 
     sub = tmp_path / "nocol"
     sub.mkdir()
-    no_response = make_run(sub, models, n=8, columns=("id", "prompt"))
+    no_response = make_run(sub, tiny_models, n=8, columns=("id", "prompt"))
     result = run_cli("train", str(no_response))
     assert result.returncode == 1 and "no response column" in result.stderr and "Traceback" not in result.stderr
 
@@ -236,13 +219,13 @@ def test_input_errors(tmp_path, models) -> None:
         check_chat_template(Bare(), "models/x")
 
 
-def test_full_fine_tuning_saves_the_whole_model(tmp_path, models) -> None:
+def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_models) -> None:
     from safetensors.torch import load_file
 
     from distill.artifacts import read_manifest
     from distill.stages.train import run
 
-    cfg = load_config(make_run(tmp_path, models, n=8, extra="  method: full\n  max_steps: 2\n  optim: adamw_torch\n"))
+    cfg = load_config(make_run(tmp_path, tiny_models, n=8, method="full", max_steps=2, optim="adamw_torch"))
     folder = run(cfg)
     metrics = read_manifest(folder)["metrics"]
     assert metrics["steps"] == 2 and metrics["trainable_params"] == metrics["all_params"] == metrics["plan_all_params"]
@@ -257,12 +240,12 @@ def test_full_fine_tuning_saves_the_whole_model(tmp_path, models) -> None:
     assert not (folder / "marker").exists() and read_manifest(folder)["complete"]
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, models) -> None:
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, tiny_models) -> None:
     from distill.stages.train import run
 
     # step 1 is warm-up (lr 0); step 2 at this learning rate sends the adapter weights to ~1e30, so the
     # loss of step 3 overflows
-    cfg = load_config(make_run(tmp_path, models, n=8, extra="  max_steps: 4\n", lr=1e30, save_steps=1, grad_accum=1))
+    cfg = load_config(make_run(tmp_path, tiny_models, n=8, max_steps=4, lr=1e30, save_steps=1, grad_accum=1))
     with pytest.raises(
         DistillError, match=r"non-finite loss at step 3; the last good checkpoint is .*checkpoint-2\. fp16"
     ):
@@ -271,10 +254,10 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, mod
     assert not (tmp_path / "runs/t/train/manifest.json").exists()
 
 
-def test_unsloth_backend_without_the_package_is_one_line(tmp_path, models) -> None:
+def test_unsloth_backend_without_the_package_is_one_line(tmp_path, tiny_models) -> None:
     from distill.stages.train import choose_backend
 
-    path = make_run(tmp_path, models, n=4)
+    path = make_run(tmp_path, tiny_models, n=4)
     with pytest.raises(DistillError, match="train.backend=unsloth needs a CUDA GPU") as err:
         choose_backend(load_config(path, ["train.backend=unsloth"]))
     assert "\n" not in str(err.value)

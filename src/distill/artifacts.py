@@ -26,6 +26,7 @@ from typing import Any
 
 from distill.config import PipelineConfig
 from distill.errors import DistillError, StageInputError
+from distill.metrics import checked
 from distill.stages import inputs as stage_inputs
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class StageRecord:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ended)),
             "wall_s": round(ended - self.started, 3),
-            "metrics": self.metrics,
+            "metrics": checked(self.stage, self.metrics),
             "complete": True,
         }
         atomic_write_json(self.folder / MANIFEST, manifest)

@@ -7,16 +7,25 @@ from typing import Any
 
 from distill.artifacts import atomic_write_text, read_manifest, stage_dir, stage_status
 from distill.config import PipelineConfig
+from distill.metrics import (
+    STAGE_METRICS,
+    ExportMetrics,
+    GenerateMetrics,
+    MergeMetrics,
+    PruneMetrics,
+    ServeMetrics,
+    TrainMetrics,
+)
 from distill.tasks import Task, load_task
 
 MIB = 2**20
 
 
-def _metrics(cfg: PipelineConfig, stage: str) -> dict[str, Any] | None:
-    """A stage's metrics when it is complete for this config (a stale result would misreport this run)."""
+def _metrics(cfg: PipelineConfig, stage: str) -> Any:
+    """A stage's typed metrics when it is complete for this config (a stale result would misreport this run)."""
     if stage_status(cfg, stage) != "complete":
         return None
-    return (read_manifest(stage_dir(cfg, stage)) or {}).get("metrics", {})
+    return STAGE_METRICS[stage].model_validate((read_manifest(stage_dir(cfg, stage)) or {}).get("metrics", {}))
 
 
 def _wall(cfg: PipelineConfig, stage: str) -> float:
@@ -35,52 +44,52 @@ def teacher_words(cfg: PipelineConfig, task: Task) -> str:
     return f"teacher `{cfg.models.teacher}` through the `{cfg.generate.backend}` backend{constrained}"
 
 
-def _generate(cfg: PipelineConfig, task: Task, m: dict[str, Any]) -> list[str]:
-    counts = m["counts"]
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(m["reject_reasons"].items(), key=lambda kv: -kv[1])) or "none"
+def _generate(cfg: PipelineConfig, task: Task, m: GenerateMetrics) -> list[str]:
+    counts = m.counts
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(m.reject_reasons.items(), key=lambda kv: -kv[1])) or "none"
     who = teacher_words(cfg, task)
     lines = [
         (
             f"Written by {who}: {counts['train']} training, {counts['validation']} validation and {counts['test']} "
             f"test examples (held-out groups, never trained on) from {counts['attempts']} attempts; acceptance "
-            f"{m['acceptance_rate']:.0%}; rejected for: {reasons}."
+            f"{m.acceptance_rate:.0%}; rejected for: {reasons}."
         ),
         "",
     ]
-    if m.get("prompt_tokens"):
-        p, r = m["prompt_tokens"], m["response_tokens"]
+    if m.prompt_tokens:
+        p, r = m.prompt_tokens, m.response_tokens
         lines += [
             (
-                f"Student-tokenizer lengths: prompt mean {p['mean']:.0f} (p95 {p['p95']}), response mean {r['mean']:.0f} "
-                f"(p95 {r['p95']})"
+                f"Student-tokenizer lengths: prompt mean {p.mean:.0f} (p95 {p.p95}), response mean {r.mean:.0f} "
+                f"(p95 {r.p95})"
                 # reference answers are looked up, not generated: their rate says nothing
                 + (
-                    f"; teacher output {m['output_tokens_per_s']:,.0f} tokens/s."
+                    f"; teacher output {m.output_tokens_per_s:,.0f} tokens/s."
                     if cfg.generate.backend != "reference"
                     else "."
                 )
             ),
             "",
         ]
-    if m.get("logprobs"):
-        d = m["logprobs"]
+    if m.logprobs:
+        d = m.logprobs
         lines += [
             (
-                f"The teacher's top-{d['k']} log-probabilities were kept at each of its {d['teacher_tokens']:,} "
-                f"tokens in accepted answers: {d['bytes'] / 2**20:,.1f} MiB ({d['bytes_per_token']} B/token)."
+                f"The teacher's top-{d.k} log-probabilities were kept at each of its {d.teacher_tokens:,} "
+                f"tokens in accepted answers: {d.bytes / 2**20:,.1f} MiB ({d.bytes_per_token} B/token)."
             ),
             "",
         ]
     return lines
 
 
-def _train(cfg: PipelineConfig, m: dict[str, Any]) -> list[str]:
+def _train(cfg: PipelineConfig, m: TrainMetrics) -> list[str]:
     lines = [
-        f"{cfg.train.method} fine-tuning with `{m['backend']}`, {m['optimizer'].rsplit('.', 1)[-1]} ({m['optimizer']}), "
-        f"{m['precision']}: {m['trainable_params']:,} trainable of {m['all_params']:,} parameters "
-        f"({m['trainable_params'] / m['all_params']:.1%}), {m['steps']} steps over {m['examples']} examples in "
-        f"{m['wall_s'] / 60:.1f} min ({m['tokens_per_s']:,.0f} tokens/s); final loss {m['final_loss']:.3f}"
-        + (f"; {m['truncated']} examples truncated" if m.get("truncated") else "")
+        f"{cfg.train.method} fine-tuning with `{m.backend}`, {m.optimizer.rsplit('.', 1)[-1]} ({m.optimizer}), "
+        f"{m.precision}: {m.trainable_params:,} trainable of {m.all_params:,} parameters "
+        f"({m.trainable_params / m.all_params:.1%}), {m.steps} steps over {m.examples} examples in "
+        f"{m.wall_s / 60:.1f} min ({m.tokens_per_s:,.0f} tokens/s); final loss {m.final_loss:.3f}"
+        + (f"; {m.truncated} examples truncated" if m.truncated else "")
         + ".",
         "",
         _objective(m),
@@ -91,28 +100,28 @@ def _train(cfg: PipelineConfig, m: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _objective(m: dict[str, Any]) -> str:
-    kd = m.get("kd")
-    if m.get("objective") != "kd" or not kd:
+def _objective(m: TrainMetrics) -> str:
+    kd = m.kd
+    if m.objective != "kd" or not kd:
         return "Objective: cross-entropy on the teacher's text (SFT)."
-    c = kd["coverage"]
-    beta = f", beta {kd['beta']}" if kd["divergence"] == "jsd" else ""
+    c = kd.coverage
+    beta = f", beta {kd.beta}" if kd.divergence == "jsd" else ""
     return (
-        f"Objective: distillation of the teacher's top-k distribution ({kd['divergence']}{beta}, temperature "
-        f"{kd['temperature']}, cross-entropy weight {kd['alpha']}); {c['share']:.0%} of {c['tokens']:,} response "
-        f"tokens had a teacher distribution (same tokenizer {c['direct']:,}, mapped by text {c['mapped']:,}, "
-        f"ULD {c['uld']:,}; none {c['none']:,})."
+        f"Objective: distillation of the teacher's top-k distribution ({kd.divergence}{beta}, temperature "
+        f"{kd.temperature}, cross-entropy weight {kd.alpha}); {c.share:.0%} of {c.tokens:,} response "
+        f"tokens had a teacher distribution (same tokenizer {c.direct:,}, mapped by text {c.mapped:,}, "
+        f"ULD {c.uld:,}; none {c.none:,})."
     )
 
 
 def _sizes(
-    cfg: PipelineConfig, merge: dict[str, Any] | None, prune: dict[str, Any] | None, export: dict[str, Any] | None
+    cfg: PipelineConfig, merge: MergeMetrics | None, prune: PruneMetrics | None, export: ExportMetrics | None
 ) -> list[str]:
     lines = ["| artifact | parameters | bytes | vs teacher (bf16) |", "|---|---|---|---|"]
     # only a teacher that wrote the data, with a known size, gets a row and a ratio
-    teacher = export.get("teacher_bf16_bytes") if export else None
+    teacher = export.teacher_bf16_bytes if export else None
     if teacher:
-        lines.append(f"| teacher (bf16) | {export['teacher_params']:,} | {teacher / MIB:,.1f} MiB | 1x |")
+        lines.append(f"| teacher (bf16) | {export.teacher_params:,} | {teacher / MIB:,.1f} MiB | 1x |")
 
     def ratio(size: int) -> str:
         if not teacher:
@@ -121,61 +130,59 @@ def _sizes(
 
     if merge:
         lines.append(
-            f"| merged student ({merge['dtype']}) | {merge['params']:,} | {merge['safetensors_bytes'] / MIB:,.2f} MiB | {ratio(merge['safetensors_bytes'])} |"
+            f"| merged student ({merge.dtype}) | {merge.params:,} | {merge.safetensors_bytes / MIB:,.2f} MiB | {ratio(merge.safetensors_bytes)} |"
         )
     if prune:
         lines.append(
-            f"| pruned student ({prune['overall_sparsity']:.0%} of Linear weights zero) | {prune['params']:,} "
-            f"| {prune['safetensors_bytes'] / MIB:,.2f} MiB | {ratio(prune['safetensors_bytes'])} |"
+            f"| pruned student ({prune.overall_sparsity:.0%} of Linear weights zero) | {prune.params:,} "
+            f"| {prune.safetensors_bytes / MIB:,.2f} MiB | {ratio(prune.safetensors_bytes)} |"
         )
     if export:
-        lines.append(
-            f"| GGUF {export['format']} | – | {export['file_bytes'] / MIB:,.2f} MiB | {ratio(export['file_bytes'])} |"
-        )
-        if export.get("int8_bytes"):
+        lines.append(f"| GGUF {export.format} | – | {export.file_bytes / MIB:,.2f} MiB | {ratio(export.file_bytes)} |")
+        if export.int8_bytes:
             lines.append(
-                f"| torch dynamic int8 | – | {export['int8_bytes'] / MIB:,.2f} MiB | {ratio(export['int8_bytes'])} |"
+                f"| torch dynamic int8 | – | {export.int8_bytes / MIB:,.2f} MiB | {ratio(export.int8_bytes)} |"
             )
     lines.append("")
     if not export:
         lines += _missing(cfg, "export")
     if merge:
         folded = (
-            f"adapter folded with max |Δlogit| {merge['fold_max_abs_logit_diff']:.2g}"
-            if merge["method"] == "lora"
+            f"adapter folded with max |Δlogit| {merge.fold_max_abs_logit_diff:.2g}"
+            if merge.method == "lora"
             else "fully fine-tuned weights, no adapter to fold"
         )
         lines += [
-            f"Merge: {folded}; saving as {merge['dtype']} adds max |Δlogit| {merge['saved_dtype_max_abs_logit_diff']:.2g}.",
+            f"Merge: {folded}; saving as {merge.dtype} adds max |Δlogit| {merge.saved_dtype_max_abs_logit_diff:.2g}.",
             "",
         ]
     if export:
-        v = export["verification"]
+        v = export.verification
         lines += [
             (
-                f"Export verified in llama.cpp on {v['prompts']} validation prompts: tokenization identical for "
-                f"{v['tokenization_match']:.0%}, next-token top-1 agreement {v['top1_agreement']:.0%}, max |Δlogit| "
-                f"{v['max_abs_logit_diff']:.3g}."
+                f"Export verified in llama.cpp on {v.prompts} validation prompts: tokenization identical for "
+                f"{v.tokenization_match:.0%}, next-token top-1 agreement {v.top1_agreement:.0%}, max |Δlogit| "
+                f"{v.max_abs_logit_diff:.3g}."
             ),
             "",
         ]
     return lines
 
 
-def _serve(task: Task, m: dict[str, Any], report_md: Path) -> list[str]:
-    fleet = "one server with its slots" if m["best_fleet"] == "slots" else "the paper's processes"
-    held = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in m["budget_held"].items())
+def _serve(task: Task, m: ServeMetrics, report_md: Path) -> list[str]:
+    fleet = "one server with its slots" if m.best_fleet == "slots" else "the paper's processes"
+    held = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in m.budget_held.items())
     served = (
-        f"best: {fleet}, {m['capacity']} concurrent users within {m['slo_ms']:g} ms"
-        if m["meets_slo"]
-        else f"no configuration meets the {m['slo_ms']:g} ms SLO; closest: {fleet}"
+        f"best: {fleet}, {m.capacity} concurrent users within {m.slo_ms:g} ms"
+        if m.meets_slo
+        else f"no configuration meets the {m.slo_ms:g} ms SLO; closest: {fleet}"
     )
     lines = [
         (
-            f"Plan: {m['instances_planned']} processes or one server with {m['slots_planned']} slots fit the GPU "
-            f"budget; {served}, goodput {m['goodput_per_s']} valid {task.unit}s/s"
-            + (f" under the grammar ({m['goodput_per_s_free']} free)" if m.get("grammar") else "")
-            + f", end to end p50 {m['e2e_p50_ms']:g} ms / p95 {m['e2e_p95_ms']:g} ms, {m['valid_share']:.0%} valid; "
+            f"Plan: {m.instances_planned} processes or one server with {m.slots_planned} slots fit the GPU "
+            f"budget; {served}, goodput {m.goodput_per_s} valid {task.unit}s/s"
+            + (f" under the grammar ({m.goodput_per_s_free} free)" if m.grammar else "")
+            + f", end to end p50 {m.e2e_p50_ms:g} ms / p95 {m.e2e_p95_ms:g} ms, {m.valid_share:.0%} valid; "
             f"plan held: {held}."
         ),
         "",

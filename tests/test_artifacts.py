@@ -39,10 +39,10 @@ def test_stage_lifecycle(cfg) -> None:
     assert prepare_output(cfg, "generate", overwrite=False) == "resume"
 
     record = StageRecord(cfg, "generate")
-    record.metrics["accepted"] = 3
+    record.metrics["acceptance_rate"] = 0.75
     folder = record.finish()
     manifest = read_manifest(folder)
-    assert manifest["complete"] is True and manifest["metrics"] == {"accepted": 3}
+    assert manifest["complete"] is True and manifest["metrics"] == {"acceptance_rate": 0.75}
     assert manifest["packages"]["pydantic"]
     assert manifest["config"]["run_name"] == "t"
     assert is_complete(cfg, "generate")

@@ -110,6 +110,7 @@ def test_run_stage_selection_errors(tmp_path: Path) -> None:
 
 def test_teacher_size_only_where_a_teacher_model_wrote_the_data(tmp_path) -> None:
     from distill.config import load_config
+    from distill.metrics import ExportMetrics
     from distill.report import _sizes
     from distill.stages.export import known_teacher_params
 
@@ -129,5 +130,5 @@ def test_teacher_size_only_where_a_teacher_model_wrote_the_data(tmp_path) -> Non
         "file_bytes": 4000,
         "verification": {"prompts": 1, "tokenization_match": 1.0, "top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
     }
-    lines = "\n".join(_sizes(cfg, None, None, export))
+    lines = "\n".join(_sizes(cfg, None, None, ExportMetrics.model_validate(export)))
     assert "| teacher (bf16) | 1,000 |" in lines and "| GGUF q8_0 | – | 0.00 MiB | 2.0x larger |" in lines

@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.tasks.crew.catalog import Catalog, TaskInputError
 from distill.tasks.crew.profile import Profile
-from distill.tasks.crew.rules import GOAL_SCHEMES, load_step, next_focuses, round_load, scheme_for
+from distill.tasks.crew.rules import GOAL_SCHEMES, load_step, next_focuses, round_load, scheme_for, select_exercises
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ LEVEL_LOAD = {"beginner": 1.0, "intermediate": 1.4, "advanced": 1.8}
 def sample_history(profile: Profile, catalog: Catalog, seed: int, index: int, n: int = 5) -> list[LoggedWorkout]:
     """n past sessions following the profile's split, with loads rising over time, the odd missed
     set and RPE 5-10. Exercise choice varies by seed so histories differ between crew members."""
-    from distill.tasks.crew.planner import select_exercises
-
     rng = random.Random(f"history:{seed}:{index}")
     days_between = max(1, 7 // profile.frequency)
     loads: dict[str, float] = {}

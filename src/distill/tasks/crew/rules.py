@@ -15,9 +15,10 @@ was missed or felt at RPE >= 9 stays where it was.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
-from distill.tasks.crew.catalog import LEVELS, Exercise
+from distill.tasks.crew.catalog import LEVELS, Catalog, Exercise
 from distill.tasks.crew.profile import Profile
 
 FOCUS_SLOTS: dict[str, tuple[str, ...]] = {
@@ -154,3 +155,26 @@ def progression_ok(exercise: Exercise, last_load: float, completed: bool, rpe: i
     if not completed or rpe >= 9:
         return new_load <= last_load
     return last_load < new_load <= last_load * 1.2 + load_step(exercise)
+
+
+def select_exercises(
+    catalog: Catalog, profile: Profile, focus: str, preferred: tuple[str, ...], rng: random.Random | None = None
+) -> list[Exercise]:
+    """One safe, available exercise per slot of the focus, moving the way the focus does (no press on a
+    pull day); a slot with nothing left borrows from the focus's other groups, then from mobility work,
+    which needs nothing and suits everyone. Listed in catalog order, as the answer format asks."""
+    safe = [ex for ex in catalog if not unsafe_reasons(ex, profile) and fits_pattern(ex, focus)]
+    if rng is not None:
+        rng.shuffle(safe)
+    rank = {ex_id: i for i, ex_id in enumerate(preferred)}
+    beginner = profile.level == "beginner"
+    safe.sort(key=lambda ex: (rank.get(ex.id, len(rank)), not (beginner and ex.machine)))
+    slots = FOCUS_SLOTS[focus]
+    chosen: list[Exercise] = []
+    for group in slots:
+        for candidate_group in (group, *dict.fromkeys(slots), "mobility"):
+            pick = next((ex for ex in safe if ex.group == candidate_group and ex not in chosen), None)
+            if pick is not None:
+                chosen.append(pick)
+                break
+    return sorted(chosen, key=lambda ex: catalog.position[ex.id])

@@ -196,6 +196,47 @@ def judge(
     return "accepted", [], answer, blocks
 
 
+def _record(
+    cfg: PipelineConfig,
+    task: Task,
+    dedup: NearDuplicateIndex,
+    inst: dict[str, Any],
+    completion: Any,
+    batch: str,
+    wall: float,
+) -> dict[str, Any]:
+    """One attempt as its shard line: the teacher's answer judged, and with `generate.logprobs` (accepted answers
+    only) its distribution, in the same line so it is written and resumed with the record."""
+    status, reasons, answer, blocks = judge(completion.text, inst, task, dedup)
+    record = {
+        "id": inst["id"],
+        "split": inst["split"],
+        "index": inst["index"],
+        "status": status,
+        "reasons": reasons,
+        "group": inst["group"],
+        "payload": inst["payload"],
+        "prompt": inst["prompt"],
+        "response": answer,
+        "raw": completion.text if completion.text != answer else None,
+        "think_blocks": blocks,
+        "output_tokens": completion.output_tokens,
+        "batch": batch,
+        "batch_s": round(wall, 4),
+    }
+    top_k = cfg.generate.logprobs
+    if top_k and status == "accepted":
+        if completion.logprobs is None:
+            raise DistillError(f"generate.logprobs: the {cfg.generate.backend} backend returned no log-probabilities")
+        record["teacher"] = pack(completion.logprobs, top_k)
+    return record
+
+
+def _replica_rates(teacher: Any) -> str:
+    rates = teacher.throughput()
+    return " · replicas " + ", ".join(f"{r['examples_per_s']:g} ex/s {r['tokens_per_s']:.0f} tok/s" for r in rates)
+
+
 def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> ShardState:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -229,7 +270,6 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
     else:
         teacher = make_teacher(cfg, task)
     constrained = cfg.generate.grammar
-    top_k = cfg.generate.logprobs
     try:
         requests = None
         if cfg.generate.self_instruct.enabled:
@@ -252,46 +292,19 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                 batch_id = f"{shard.name}/{pending[0]['id']}"
                 lines = []
                 for inst, completion in zip(pending, completions):
-                    status, reasons, answer, blocks = judge(completion.text, inst, task, dedup)
-                    record = {
-                        "id": inst["id"],
-                        "split": inst["split"],
-                        "index": inst["index"],
-                        "status": status,
-                        "reasons": reasons,
-                        "group": inst["group"],
-                        "payload": inst["payload"],
-                        "prompt": inst["prompt"],
-                        "response": answer,
-                        "raw": completion.text if completion.text != answer else None,
-                        "think_blocks": blocks,
-                        "output_tokens": completion.output_tokens,
-                        "batch": batch_id,
-                        "batch_s": round(wall, 4),
-                    }
-                    if top_k and status == "accepted":  # in the record's own line: written and resumed with it
-                        if completion.logprobs is None:
-                            raise DistillError(
-                                f"generate.logprobs: the {cfg.generate.backend} backend returned no log-probabilities"
-                            )
-                        record["teacher"] = pack(completion.logprobs, top_k)
+                    record = _record(cfg, task, dedup, inst, completion, batch_id, wall)
                     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                     state.done.add((inst["split"], inst["index"]))
                     state.attempts[inst["split"]] += 1
                     tokens += completion.output_tokens
-                    if status == "accepted":
+                    if record["status"] == "accepted":
                         state.accepted[inst["split"]] += 1
                 # One write per batch, then fsync: a kill -9 loses at most this batch.
                 out.write("".join(lines))
                 out.flush()
                 os.fsync(out.fileno())
                 attempts = sum(state.attempts.values())
-                replicas = ""
-                if cfg.generate.engine == "ray":
-                    rates = teacher.throughput()
-                    replicas = " · replicas " + ", ".join(
-                        f"{r['examples_per_s']:g} ex/s {r['tokens_per_s']:.0f} tok/s" for r in rates
-                    )
+                replicas = _replica_rates(teacher) if cfg.generate.engine == "ray" else ""
                 progress.update(
                     bar,
                     completed=sum(state.accepted.values()),

@@ -382,33 +382,49 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     _save(trainer.model, tokenizer, folder / out_name)
     plot_loss(log_path, folder / "loss.png")
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    session_tokens = trainer.state.num_input_tokens_seen - tokens_before
-    record.metrics = {
+    setup = {"backend": backend, "bf16": bf16, "examples": len(dataset), "truncated": truncated, "steps": steps}
+    record.metrics = train_metrics(cfg, trainer, setup, plan, coverage, entries, wall, tokens_before, resume)
+    record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
+    return record.finish()
+
+
+def train_metrics(
+    cfg: PipelineConfig,
+    trainer: Any,
+    setup: dict[str, Any],
+    plan: dict[str, Any],
+    coverage: dict[str, Any] | None,
+    entries: list[dict[str, Any]],
+    wall: float,
+    tokens_before: int,
+    resume: Path | None,
+) -> dict[str, Any]:
+    """What the manifest records of a finished training: the set-up, the plan it matched, speed and memory."""
+    t, state, world = cfg.train, trainer.state, trainer.args.world_size
+    return {
         "objective": t.objective,
         **({"kd": {**t.kd.model_dump(), "coverage": coverage}} if coverage else {}),
-        "backend": backend,
-        "precision": "bf16" if bf16 else "fp32",
+        "backend": setup["backend"],
+        "precision": "bf16" if setup["bf16"] else "fp32",
         "optimizer": optimizer_name(trainer.optimizer),
-        "processes": args.world_size,
-        "examples": len(dataset),
-        "truncated": truncated,
-        "steps": trainer.state.global_step,
-        "planned_steps": steps,
+        "processes": world,
+        "examples": setup["examples"],
+        "truncated": setup["truncated"],
+        "steps": state.global_step,
+        "planned_steps": setup["steps"],
         "plan_steps": plan["steps"],
         "trainable_params": plan["trainable_params"],
         "plan_trainable_params": plan["trainable_params"],
-        "all_params": sum(p.numel() for p in model.parameters()),
+        "all_params": sum(p.numel() for p in trainer.model.parameters()),
         "plan_all_params": plan["all_params"],
         "final_loss": entries[-1]["loss"] if entries else None,
-        "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round(session_tokens / wall, 1),
-        "samples_per_s": round(collator.samples_seen * args.world_size / wall, 3),
+        "train_tokens": state.num_input_tokens_seen,
+        "tokens_per_s": round((state.num_input_tokens_seen - tokens_before) / wall, 1),
+        "samples_per_s": round(trainer.data_collator.samples_seen * world / wall, 3),
         "wall_s": round(wall, 2),
         **peak_memory(),
         "resumed_from": resume.name if resume else None,
     }
-    record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
-    return record.finish()
 
 
 def check_plan(cfg: PipelineConfig, model: Any) -> dict[str, Any]:

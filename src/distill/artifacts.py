@@ -179,9 +179,9 @@ def prepare_output(cfg: PipelineConfig, stage: str, overwrite: bool) -> Start:
     return Start.RESUME if status == "partial" else Start.FRESH
 
 
-def open_stage(cfg: PipelineConfig, stage: str, overwrite: bool, settings: Any = None) -> StageRecord | None:
-    """The start every stage shares: upstream outputs complete, the folder claimed for this config and the
-    settings logged. Returns the record to fill, or None when the output is already complete. Checks that
+def open_stage(cfg: PipelineConfig, stage: str, overwrite: bool) -> StageRecord | None:
+    """The start every stage shares: upstream outputs complete, the folder claimed for this config and its
+    config section logged. Returns the record to fill, or None when the output is already complete. Checks that
     must not touch the folder (bad input) belong before this call."""
     require_inputs(cfg, stage)
     start = prepare_output(cfg, stage, overwrite)
@@ -190,8 +190,8 @@ def open_stage(cfg: PipelineConfig, stage: str, overwrite: bool, settings: Any =
         log.info("%s: complete, skipping (%s)", label, stage_dir(cfg, stage))
         return None
     section = stage.split("/")[0]
-    log.info("%s config: %s", section, (settings if settings is not None else getattr(cfg, section)).model_dump())
-    return StageRecord(cfg, stage, start)
+    log.info("%s config: %s", section, getattr(cfg, section).model_dump())
+    return StageRecord(cfg, stage)
 
 
 @contextmanager
@@ -225,10 +225,9 @@ def atomic_file(target: Path) -> Iterator[Path]:
 class StageRecord:
     """Collects what a stage did and writes its manifest, `complete: true` last."""
 
-    def __init__(self, cfg: PipelineConfig, stage: str, start: Start = Start.FRESH):
+    def __init__(self, cfg: PipelineConfig, stage: str):
         self.cfg = cfg
         self.stage = stage
-        self.start = start
         self.folder = stage_dir(cfg, stage)
         self.started = time.time()
         self.metrics: dict[str, Any] = {}

@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from typing import Any
 from distill.artifacts import StageRecord, atomic_dir, atomic_write_json, open_stage, stage_dir
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, task_grammar
-from distill.data import read_records
+from distill.data import append_records, read_records
 from distill.dedup import NearDuplicateIndex
 from distill.errors import DistillError
 from distill.kd import COLUMNS, pack, unpack
@@ -280,7 +279,7 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
         pending = next_batch(cfg, shard, state, candidates)
         tokens = 0
         started = time.perf_counter()
-        with Progress(*columns, transient=False) as progress, records_path.open("a", encoding="utf-8") as out:
+        with Progress(*columns, transient=False) as progress:
             bar = progress.add_task(
                 shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0, replicas=""
             )
@@ -290,19 +289,16 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                 completions = teacher.generate(pending, grammars)
                 wall = time.perf_counter() - batch_start
                 batch_id = f"{shard.name}/{pending[0]['id']}"
-                lines = []
+                records = []
                 for inst, completion in zip(pending, completions):
                     record = _record(cfg, task, dedup, inst, completion, batch_id, wall)
-                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                    records.append(record)
                     state.done.add((inst["split"], inst["index"]))
                     state.attempts[inst["split"]] += 1
                     tokens += completion.output_tokens
                     if record["status"] == "accepted":
                         state.accepted[inst["split"]] += 1
-                # One write per batch, then fsync: a kill -9 loses at most this batch.
-                out.write("".join(lines))
-                out.flush()
-                os.fsync(out.fileno())
+                append_records(records_path, records)  # one fsync'd write per batch: kill -9 loses at most this one
                 attempts = sum(state.attempts.values())
                 replicas = _replica_rates(teacher) if cfg.generate.engine == "ray" else ""
                 progress.update(

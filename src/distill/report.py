@@ -241,14 +241,10 @@ def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
 
 def render_report(cfg: PipelineConfig) -> str:
     task = load_task(cfg)
-    gen, train, merge = _metrics(cfg, "generate"), _metrics(cfg, "train"), _metrics(cfg, "merge")
-    prune = _metrics(cfg, "prune") if cfg.prune.enabled else None
-    export, serve = _metrics(cfg, "export"), _metrics(cfg, "serve")
-    walls = {
-        s: _wall(cfg, s)
-        for s in ("generate", "train", "merge", "prune", "export", "serve")
-        if _metrics(cfg, s) is not None
-    }
+    found = {s: _metrics(cfg, s) for s in ("generate", "train", "merge", "prune", "export", "serve")}
+    gen, train, merge, export, serve = (found[s] for s in ("generate", "train", "merge", "export", "serve"))
+    prune = found["prune"] if cfg.prune.enabled else None
+    walls = {s: _wall(cfg, s) for s, m in found.items() if m is not None}
     lines = [
         f"# {cfg.run_name}: distillation report",
         "",

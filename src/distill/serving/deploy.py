@@ -110,8 +110,7 @@ def deploy(cfg: PipelineConfig, port: int, announce: Callable[[str], None]) -> N
             announce(f"serving {what} (logs in {log_dir}); stop with Ctrl-C or SIGTERM")
             while True:
                 time.sleep(HEALTH_EVERY_S)
-                for note in restart_dead(servers, cfg.serve.ready_timeout_s):
-                    log.warning("deploy: %s", note)
+                restart_dead(servers, cfg.serve.ready_timeout_s, lambda note: log.warning("deploy: %s", note))
         except KeyboardInterrupt:
             log.info("deploy: stopping")
         finally:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,18 +269,15 @@ def running(servers: list[Server], ready_timeout: float) -> Iterator[list[Server
         stop(servers)
 
 
-def restart_dead(servers: list[Server], ready_timeout: float) -> list[str]:
-    """Start again every server whose process ended; say which and why."""
-    notes = []
+def restart_dead(servers: list[Server], ready_timeout: float, say: Callable[[str], None]) -> None:
+    """Start again every server whose process ended, saying which and why as soon as it is started again (not
+    once it is ready: a stop that comes while it loads must not lose the line)."""
     for server in servers:
         if server.process is not None and not server.alive():
-            notes.append(
-                f"server on port {server.port} exited with code {server.process.returncode}; restarted "
-                f"(log: {server.log_path})"
-            )
+            code = server.process.returncode
             start(server)
+            say(f"server on port {server.port} exited with code {code}; restarted (log: {server.log_path})")
             wait_ready([server], ready_timeout)
-    return notes
 
 
 def _tree(pid: int) -> list[Any]:

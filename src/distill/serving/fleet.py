@@ -214,13 +214,17 @@ def start(server: Server) -> None:
 
 
 def stop(servers: list[Server]) -> None:
-    """SIGTERM each process group, then SIGKILL whatever is still alive after a grace period."""
+    """SIGTERM each process group, again each server still up a second later, then SIGKILL whatever is still alive
+    after a grace period. After the first SIGTERM llama-server waits for open client connections to close (the
+    load generator's or a user's, in mid-answer); the second ends it at once. vLLM's API server ignores the second
+    and drains as it would; the second goes to the server alone, so vLLM's engine is left to its clean-up."""
     running = [s for s in servers if s.process is not None]
-    for server in running:
-        if server.process.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(server.process.pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
+    _sigterm(running, os.killpg)
+    second = time.monotonic() + 1
+    while time.monotonic() < second and any(s.process.poll() is None for s in running):
+        time.sleep(0.05)
+    _sigterm(running, os.kill)
     for server in running:
         try:
             server.process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -228,6 +232,14 @@ def stop(servers: list[Server]) -> None:
             with suppress(ProcessLookupError):
                 os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
+
+
+def _sigterm(servers: list[Server], kill: Callable[[int, int], None]) -> None:
+    """SIGTERM to each server still running: its process group (os.killpg) or the process alone (os.kill)."""
+    for server in servers:
+        if server.process.poll() is None:
+            with suppress(ProcessLookupError):
+                kill(server.process.pid, signal.SIGTERM)
 
 
 def wait_ready(servers: list[Server], timeout: float) -> None:

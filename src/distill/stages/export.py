@@ -112,14 +112,14 @@ def known_teacher_params(cfg: PipelineConfig) -> int | None:
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
-    from transformers import AutoTokenizer
+    record = open_stage(cfg, "export", overwrite)
+    if record is None:
+        return stage_dir(cfg, "export")
+    from transformers import AutoTokenizer  # after the checks: a refused or finished stage answers at once
 
     from distill.gguf_writer import write_gguf
     from distill.plan import meta_model
 
-    record = open_stage(cfg, "export", overwrite)
-    if record is None:
-        return stage_dir(cfg, "export")
     (source,) = STAGES["export"].inputs(cfg)
     model_dir = stage_dir(cfg, source) / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

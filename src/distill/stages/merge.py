@@ -28,9 +28,6 @@ def _same_base(adapter_dir: Path, student: str) -> None:
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     train_dir = stage_dir(cfg, "train")
     require_inputs(cfg, "merge")
     if cfg.train.method == "lora":
@@ -38,6 +35,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     record = open_stage(cfg, "merge", overwrite)
     if record is None:
         return stage_dir(cfg, "merge")
+    import torch  # after the checks: a refused or finished stage answers at once
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dtype = getattr(torch, cfg.merge.dtype)
     target = record.folder / "model"
 

@@ -47,14 +47,14 @@ def prune_model(model: Any, amount: float) -> dict[str, float]:
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not cfg.prune.enabled:
         raise DistillError("prune: pruning is off for this config; set prune.enabled=true (the compact CPU variant)")
     record = open_stage(cfg, "prune", overwrite)
     if record is None:
         return stage_dir(cfg, "prune")
+    import torch  # after the checks: a refused or finished stage answers at once
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     source = stage_dir(cfg, "merge") / "model"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     sparsity = prune_model(model, cfg.prune.amount)

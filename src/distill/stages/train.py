@@ -312,14 +312,14 @@ def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Pat
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
+    folder = stage_dir(cfg, "train")
+    checkpoints = folder / "checkpoints"
+    log_path = folder / "log.jsonl"
+    require_inputs(cfg, "train")  # before the imports below: a missing input is told at once
     from transformers import Trainer, set_seed
 
     from distill.plan import train_steps
 
-    folder = stage_dir(cfg, "train")
-    checkpoints = folder / "checkpoints"
-    log_path = folder / "log.jsonl"
-    require_inputs(cfg, "train")
     t = cfg.train
     backend = choose_backend(cfg)
     bf16 = use_bf16(cfg)

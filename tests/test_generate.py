@@ -254,7 +254,7 @@ def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, tiny_mod
             "4096",
             "--enforce-eager",
         ],
-        env={**os.environ, **VLLM_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vc")},
+        env={**os.environ, **VLLM_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -59,7 +59,6 @@ class VllmTeacher:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(g.vllm.cpu_kvcache_gb)
             if kwargs["dtype"] == "auto":
                 kwargs["dtype"] = "float32"
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(cfg.run_path / ".vllm-cache"))
         # the engine's IPC sockets: vLLM leaves them in /tmp; here they go in a folder close() removes
         self.rpc = tempfile.mkdtemp(prefix="distill-vllm-")
         os.environ["VLLM_RPC_BASE_PATH"] = self.rpc

@@ -33,9 +33,44 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None
     )
 
 
+def invoke_cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`distill ARGS` run inside this process by typer's CliRunner: the same app, exit code, stdout and stderr as
+    `run_cli`, without a fresh interpreter importing torch again. For commands whose process is not what is under
+    test (signals, kills, children, a different environment at start-up take `run_cli`). What a command changes in
+    this process is put back afterwards: logging, the SIGTERM handler, cwd, environment and sys.path. An exception
+    that escapes the app is written to stderr as its traceback, as the interpreter would print it."""
+    import logging
+    import signal
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    root, httpx = logging.getLogger(), logging.getLogger("httpx")
+    handlers, level, httpx_level = root.handlers[:], root.level, httpx.level
+    sigterm, environ, path, here = signal.getsignal(signal.SIGTERM), dict(os.environ), sys.path[:], os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.path[:] = path
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        httpx.setLevel(httpx_level)
+        signal.signal(signal.SIGTERM, sigterm)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["distill", *args], result.exit_code, result.stdout, stderr)
+
+
 @pytest.fixture
 def cli():
-    return run_cli
+    return invoke_cli
 
 
 def kill_9_then_resume(config: Path, records: Path, after_lines: int, timeout: float) -> bytes:
@@ -53,7 +88,7 @@ def kill_9_then_resume(config: Path, records: Path, after_lines: int, timeout: f
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = records.read_bytes()
-    result = run_cli("generate", str(config))
+    result = invoke_cli("generate", str(config))
     assert result.returncode == 0, result.stderr
     assert records.read_bytes().startswith(before[: before.rfind(b"\n") + 1])
     return before

@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, run_cli, write_config
+from conftest import REPO, invoke_cli, run_cli, write_config
 
 
 def test_help_is_instant_and_imports_nothing_heavy() -> None:
@@ -50,7 +50,7 @@ def test_validate_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_plan_paper_config_exact_numbers() -> None:
-    result = run_cli("plan", "configs/paper.yaml", "--json")
+    result = invoke_cli("plan", "configs/paper.yaml", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["base_params"] == 268_098_176
@@ -63,7 +63,7 @@ def test_plan_paper_config_exact_numbers() -> None:
 
 
 def test_plan_table_and_overrides() -> None:
-    result = run_cli("plan", "configs/paper.yaml", "train.lora.r=64", "train.grad_accum=4", env={"COLUMNS": "200"})
+    result = invoke_cli("plan", "configs/paper.yaml", "train.lora.r=64", "train.grad_accum=4", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "15,187,968" in result.stdout  # half the r=128 adapter
     assert "4,212" in result.stdout
@@ -71,7 +71,7 @@ def test_plan_table_and_overrides() -> None:
 
 def test_plan_without_local_model_or_arch_is_a_clear_error(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, {"teacher": "a", "student": "org/not-local"}, run_name="x", run_dir=None)
-    result = run_cli("plan", str(cfg))
+    result = invoke_cli("plan", str(cfg))
     assert result.returncode == 1
     assert "models.student_arch" in result.stderr and "Traceback" not in result.stderr
 
@@ -98,7 +98,7 @@ def test_task_check_exit_codes(tmp_path: Path) -> None:
     record, text, program = _planner_files(tmp_path)
 
     def check(payload: Path, answer: Path):
-        return run_cli("task", "check", "configs/tiny.yaml", "--payload", str(payload), "--answer", str(answer))
+        return invoke_cli("task", "check", "configs/tiny.yaml", "--payload", str(payload), "--answer", str(answer))
 
     ok = check(record, text)
     assert ok.returncode == 0, ok.stderr
@@ -128,16 +128,16 @@ def test_task_check_exit_codes(tmp_path: Path) -> None:
 
 def test_task_grammar_prints_the_inputs_gbnf(tmp_path: Path) -> None:
     record, _, _ = _planner_files(tmp_path)
-    result = run_cli("task", "grammar", "configs/tiny.yaml", "--payload", str(record))
+    result = invoke_cli("task", "grammar", "configs/tiny.yaml", "--payload", str(record))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("root ::= workout-1-") and "\nline-" in result.stdout
     record.write_text("{nope")
-    result = run_cli("task", "grammar", "configs/tiny.yaml", "--payload", str(record))
+    result = invoke_cli("task", "grammar", "configs/tiny.yaml", "--payload", str(record))
     assert result.returncode == 2 and "invalid JSON at line 1" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_tiny_models_command(tmp_path: Path) -> None:
-    result = run_cli("tiny-models", str(tmp_path / "m"), "--seed", "5")
+    result = invoke_cli("tiny-models", str(tmp_path / "m"), "--seed", "5")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m/teacher/config.json").is_file() and (tmp_path / "m/student/tokenizer.model").is_file()
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, write_config
+from conftest import REPO, invoke_cli, write_config
 
 from distill.config import load_config
 
@@ -166,13 +166,13 @@ def test_compact_evaluation_table(pruned) -> None:
 
 
 def test_prune_disabled_is_a_one_line_error(pruned) -> None:
-    result = run_cli("prune", str(pruned), "prune.enabled=false")
+    result = invoke_cli("prune", str(pruned), "prune.enabled=false")
     assert result.returncode == 1 and "prune.enabled=true" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_int8_beyond_the_agreement_thresholds_fails_the_export(pruned) -> None:
     # Last in this module: it replaces the export. An f32 GGUF passes this threshold; int8 rounding cannot.
-    result = run_cli("export", str(pruned), "export.format=f32", "export.max_abs_logit_diff=1e-4", "--overwrite")
+    result = invoke_cli("export", str(pruned), "export.format=f32", "export.max_abs_logit_diff=1e-4", "--overwrite")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert "torch int8 model failed verification" in error and "export.max_abs_logit_diff" in error

@@ -1,8 +1,9 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_trained_run, run_cli
+from conftest import REPO, invoke_cli, make_trained_run
 
 from distill.config import load_config
 from distill.errors import DistillError
@@ -54,14 +55,11 @@ def test_merge_then_export_verified_in_llama_cpp(trained_run) -> None:
     assert norms and all(t.tensor_type.name == "F32" for t in norms)
 
 
-def test_missing_llama_cpp_is_a_one_line_error(trained_run, tmp_path) -> None:
-    # shadow the installed package with one that fails to import, as on a machine where the build was skipped
-    masked = tmp_path / "masked" / "llama_cpp"
-    masked.mkdir(parents=True)
-    (masked / "__init__.py").write_text("raise ImportError('llama_cpp hidden by the test')\n")
+def test_missing_llama_cpp_is_a_one_line_error(trained_run, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # fails to import, as on a machine where the build was skipped
     gguf = load_config(trained_run).run_path / "export" / "e-q8_0.gguf"
     before = gguf.read_bytes()
-    res = run_cli("eval", str(trained_run), "--model", "gguf", env={"PYTHONPATH": str(masked.parent)})
+    res = invoke_cli("eval", str(trained_run), "--model", "gguf")
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert "eval: llama-cpp-python is not installed; run `make setup`" in res.stderr
     assert gguf.read_bytes() == before
@@ -141,7 +139,7 @@ def test_bad_inputs(trained_run, tmp_path) -> None:
     original = adapter_cfg.read_text()
     adapter_cfg.write_text(json.dumps({**json.loads(original), "base_model_name_or_path": "google/gemma-3-1b-it"}))
     try:
-        res = run_cli("merge", str(trained_run), "--overwrite")
+        res = invoke_cli("merge", str(trained_run), "--overwrite")
         assert res.returncode == 1 and "adapter was trained on 'google/gemma-3-1b-it'" in res.stderr
         assert "Traceback" not in res.stderr
         assert (cfg.run_path / "merge/manifest.json").is_file()  # the finished merge was not thrown away
@@ -154,10 +152,10 @@ def test_failed_verification_leaves_nothing_behind(trained_run) -> None:
 
     merge(load_config(trained_run))
     # a finished export is not replaced by another config's without --overwrite
-    res = run_cli("export", str(trained_run), "export.max_abs_logit_diff=1e-9")
+    res = invoke_cli("export", str(trained_run), "export.max_abs_logit_diff=1e-9")
     assert res.returncode == 1 and "--overwrite" in res.stderr
     assert (load_config(trained_run).run_path / "export/e-q8_0.gguf").is_file()
-    res = run_cli("export", str(trained_run), "export.max_abs_logit_diff=1e-9", "--overwrite")
+    res = invoke_cli("export", str(trained_run), "export.max_abs_logit_diff=1e-9", "--overwrite")
     assert res.returncode == 1 and "failed verification" in res.stderr and "Traceback" not in res.stderr
     cfg = load_config(trained_run, ["export.max_abs_logit_diff=1e-9"])
     leftovers = [p.name for p in (cfg.run_path / "export").iterdir() if p.suffix in (".gguf", ".partial")]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, run_cli, write_config
+from conftest import REPO, invoke_cli, run_cli, write_config
 
 from distill.config import load_config
 
@@ -73,8 +73,7 @@ def test_ray_engine_writes_the_same_dataset_as_the_local_engine(tmp_path, tiny_m
     cluster = write_config(
         tmp_path, tiny_models, name="cluster.yaml", run_name="cluster", **CREW, generate={**REFERENCE, **RAY}
     )
-    for config in (local, cluster):
-        result = run_cli("generate", str(config))
+    for result in (invoke_cli("generate", str(local)), run_cli("generate", str(cluster))):
         assert result.returncode == 0, result.stderr
     datasets = [load_from_disk(str(tmp_path / "runs" / name / "generate/dataset")) for name in ("local", "cluster")]
     for split in ("train", "validation", "test"):

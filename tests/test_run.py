@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI, REPO, run_cli, write_config
+from conftest import CLI, REPO, invoke_cli, run_cli, write_config
 
 # `distill run` builds its models from `models.tiny` (the pipeline's own path to them, under test here)
 TINY = {"seed": 3, "corpus_size": 40, "vocab_size": 1024}
@@ -45,7 +45,7 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     config = write_config(tmp_path, tmp_path / "models", name="tiny.yaml", run_name="r", tiny=TINY, **SECTIONS)
     run = tmp_path / "runs" / "r"
 
-    first = run_cli("run", str(config), "--until", "merge")
+    first = invoke_cli("run", str(config), "--until", "merge")
     assert first.returncode == 0, first.stderr
     assert (run / "merge" / "manifest.json").is_file() and not (run / "export").exists()
     partial = (run / "REPORT.md").read_text()
@@ -69,7 +69,7 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     assert (run / "serve" / "manifest.json").is_file() and not (run / "eval" / "base" / "manifest.json").exists()
     kept = records.read_text().splitlines()[0]
 
-    final = run_cli("run", str(config))
+    final = invoke_cli("run", str(config))
     assert final.returncode == 0, final.stderr
     assert "report at" in final.stdout and "eval teacher: complete, skipping" in final.stderr
     assert records.read_text().splitlines()[0] == kept  # the program generated before Ctrl-C is not redone

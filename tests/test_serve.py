@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, run_cli, trained_run_config, write_config
+from conftest import REPO, invoke_cli, run_cli, trained_run_config, write_config
 
 from distill.config import load_config
 from distill.serving.load import Outcome, capacity, summarize
@@ -123,7 +123,7 @@ def exported(exported_run, tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def served(exported) -> Path:
-    result = run_cli("serve", str(exported))
+    result = invoke_cli("serve", str(exported))
     assert result.returncode == 0, result.stderr
     return exported
 
@@ -377,13 +377,13 @@ def test_no_server_outlives_serve_however_it_is_stopped(served, how) -> None:
 @pytest.mark.slow
 def test_error_cases(served, tmp_path) -> None:
     cfg = load_config(served)
-    res = run_cli("serve", str(served), "serve.v_gpu_mb=1", "--overwrite")
+    res = invoke_cli("serve", str(served), "serve.v_gpu_mb=1", "--overwrite")
     assert res.returncode == 1 and "too small for one instance" in res.stderr and "MiB missing" in res.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        res = run_cli("serve", str(served), f"serve.base_port={port}", "--overwrite")
+        res = invoke_cli("serve", str(served), f"serve.base_port={port}", "--overwrite")
         assert res.returncode == 1 and f"serve.base_port: port {port} on 127.0.0.1 is already in use" in res.stderr
     res = run_cli("serve", str(served), "serve.llama_server=/nowhere/llama-server", "--overwrite")
     assert res.returncode == 1 and "serve.llama_server: /nowhere/llama-server is not an executable file" in res.stderr
@@ -391,26 +391,23 @@ def test_error_cases(served, tmp_path) -> None:
     original = gguf.read_bytes()
     try:
         gguf.write_bytes(original[:4096])
-        res = run_cli("serve", str(served), "--overwrite")
+        res = invoke_cli("serve", str(served), "--overwrite")
         assert res.returncode == 1 and "exited with code" in res.stderr and "last log lines" in res.stderr
     finally:
         gguf.write_bytes(original)
     assert servers_of(cfg.run_path / "export") == [] and "Traceback" not in res.stderr
     # an SLO nothing meets is a finding, not a failure: the report names the closest configuration
-    res = run_cli(
-        "serve", str(served), "serve.slo_ms=0.001", "serve.concurrency=[1]", "serve.requests=2", "--overwrite"
-    )
+    unmet = ("serve.slo_ms=0.001", "serve.concurrency=[1]", "serve.requests=2")
+    res = invoke_cli("serve", str(served), *unmet, "--overwrite")
     assert res.returncode == 0, res.stderr
     assert "No configuration meets serve.slo_ms=0.001" in (cfg.run_path / "serve/report.md").read_text()
     assert json.loads((cfg.run_path / "serve/manifest.json").read_text())["metrics"]["meets_slo"] is False
-    # deploy on a busy port
-    res = run_cli("serve", str(served), "--overwrite")
-    assert res.returncode == 0, res.stderr
+    # deploy, of the serve stage just finished, on a busy port
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        res = run_cli("deploy", str(served), "--port", str(port))
+        res = run_cli("deploy", str(served), *unmet, "--port", str(port))
     assert res.returncode == 1 and f"--port: port {port} on 127.0.0.1 is already in use" in res.stderr
 
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, invoke_cli
 
 from distill.config import load_config
 from distill.errors import DistillError
@@ -99,7 +99,7 @@ def test_every_profile_plans_and_unknown_is_an_error() -> None:
 
 
 def test_dry_run_json_keys() -> None:
-    result = run_cli(
+    result = invoke_cli(
         "serve", "configs/paper.yaml", "serve.v_small_mb=300", "serve.v_batch_mb=200", "--dry-run", "--json"
     )
     assert result.returncode == 0, result.stderr
@@ -110,7 +110,7 @@ def test_dry_run_json_keys() -> None:
         "v_batch_bytes": 200 * MIB,
         "instances": 12,
     }
-    table = run_cli(
+    table = invoke_cli(
         "serve",
         "configs/paper.yaml",
         "serve.v_small_mb=300",

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, crew_task, run_cli, write_config
+from conftest import REPO, crew_task, invoke_cli, write_config
 
 from distill.config import load_config
 from distill.errors import DistillError
@@ -178,7 +178,7 @@ def test_kill_9_then_resume_finishes_planned_steps(tmp_path, tiny_models) -> Non
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "runs/t/train/manifest.json").exists()
-    result = run_cli("train", str(path))
+    result = invoke_cli("train", str(path))
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "runs/t/train/manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 16
@@ -194,20 +194,20 @@ def test_kill_9_then_resume_finishes_planned_steps(tmp_path, tiny_models) -> Non
     lengths = [len(encode_example(tok, r["prompt"], r["response"], 512, r["id"]).input_ids) for r in examples(64)]
     assert manifest["metrics"]["train_tokens"] == 2 * sum(lengths)
     # finished: a re-run is skipped
-    again = run_cli("train", str(path))
+    again = invoke_cli("train", str(path))
     assert again.returncode == 0 and "skipping" in again.stderr
 
 
 @pytest.mark.slow
 def test_input_errors(tmp_path, tiny_models) -> None:
     path = write_config(tmp_path, tiny_models, name="none.yaml", run_dir="r")
-    result = run_cli("train", str(path))
+    result = invoke_cli("train", str(path))
     assert result.returncode == 1 and "generate/manifest.json not found: run `distill generate" in result.stderr
 
     sub = tmp_path / "nocol"
     sub.mkdir()
     no_response = make_run(sub, tiny_models, n=8, columns=("id", "prompt"))
-    result = run_cli("train", str(no_response))
+    result = invoke_cli("train", str(no_response))
     assert result.returncode == 1 and "no response column" in result.stderr and "Traceback" not in result.stderr
 
     from distill.sft_data import check_chat_template

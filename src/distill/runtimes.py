@@ -27,6 +27,14 @@ def llama_cpp(stage: str) -> Any:
     return llama_cpp
 
 
+def cpu_threads() -> int:
+    """Threads for llama.cpp in this process: OMP_NUM_THREADS where set (the budget torch takes too), else every
+    CPU this process may run on. llama.cpp's threads spin while they wait, so more threads than the process's
+    share of the cores slow every process on the machine."""
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    return int(budget) if budget.isdigit() and int(budget) > 0 else len(os.sched_getaffinity(0))
+
+
 class HFModel:
     """A transformers model (base, adapter, merged, pruned or int8) with its tokenizer."""
 
@@ -76,7 +84,7 @@ class GGUFModel:
         self.cfg = cfg
         # logits_all keeps every position's logits for the perplexity: vocab x context floats of host memory.
         self.llm = llama_cpp("eval").Llama(
-            model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
+            model_path=str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=cpu_threads()
         )
 
     def generate(self, ids: list[int], grammar: Grammar | None = None) -> tuple[str, int]:

@@ -8,7 +8,6 @@ logits agree with the HF merged model (top-1 agreement and max abs difference ag
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from distill.data import check_prompts
 from distill.errors import DistillError
 from distill.int8 import INT8_DIR, INT8_FILE, load_int8, write_int8
 from distill.models import weights_bytes
-from distill.runtimes import llama_cpp
+from distill.runtimes import cpu_threads, llama_cpp
 from distill.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,7 @@ def verify(model_dir: Path, gguf_path: Path, prompts: list[list[int]], tokenizer
     Llama = llama_cpp("export").Llama
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     longest = max(len(p) for p in prompts)
-    llm = Llama(
-        model_path=str(gguf_path), n_ctx=longest + 8, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
-    )
+    llm = Llama(model_path=str(gguf_path), n_ctx=longest + 8, logits_all=True, verbose=False, n_threads=cpu_threads())
     try:
         token_matches, top1, worst = 0, 0, 0.0
         for ids in prompts:

@@ -39,14 +39,15 @@ class _Replica:
     """One teacher backend inside an actor."""
 
     def __init__(self, cfg: PipelineConfig, threads: int, cwd: str):
-        import torch
-
         from distill.tasks import load_task
         from distill.teachers import make_teacher
 
         if os.path.isdir(cwd):  # relative paths and a python pack's module, as the command sees them
             os.chdir(cwd)
-        torch.set_num_threads(threads)
+        if cfg.generate.backend in ("transformers", "vllm"):  # the others run no model here: no torch to import
+            import torch
+
+            torch.set_num_threads(threads)
         self.teacher = make_teacher(cfg, load_task(cfg))
 
     def generate(

@@ -13,6 +13,24 @@ CLI = [sys.executable, "-m", "distill.cli"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Each of `make test`'s workers gets its share of the CPUs, for torch, llama.cpp and every command it starts:
+    # two workers whose processes each take every core spin against each other (measured here: slower than one).
+    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    # A worker inherits COLUMNS=80, which rich reads once, when the CLI's console is made; without it the console
+    # reads each in-process command's own environment, as a command of its own would.
+    os.environ.pop("COLUMNS", None)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules with the most slow tests first: `make test` hands whole modules to its workers in this order,
+    and they finish together when the longest start first."""
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])
+
 
 @pytest.fixture(scope="session", autouse=True)
 def vllm_cache(tmp_path_factory) -> None:

@@ -6,7 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -29,6 +32,60 @@ SLOW = {
     "validation_examples": 2,
     "test_examples": 2,
 }
+ANSWER_S = 1.5  # each answer of the paced teacher
+
+
+class _PacedTeacher(BaseHTTPRequestHandler):
+    """An OpenAI-compatible teacher at the network boundary, for the tests of what the engine does with its
+    processes: each answer comes after ANSWER_S (time to kill something in, without a model's CPU) and is four
+    new hex words, which the `paced` task accepts, so a run's length is known."""
+
+    def log_message(self, *args) -> None:
+        return None
+
+    def _send(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass  # the replica that asked was killed while it waited: what these tests do
+
+    def do_GET(self) -> None:
+        self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(ANSWER_S)
+        words = uuid.uuid4().hex
+        answer = " ".join(words[i : i + 8] for i in range(0, 32, 8))
+        message = {"role": "assistant", "content": answer}
+        self._send(
+            {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": {"completion_tokens": 4}}
+        )
+
+
+@pytest.fixture
+def paced(tmp_path):
+    """The config sections of a run on the paced teacher: a jsonl task of 16 inputs whose answers are hex words,
+    SLOW's batches, and the Ray engine's replicas asking `_PacedTeacher`."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PacedTeacher)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    inputs = tmp_path / "inputs.jsonl"
+    splits = ["train"] * 12 + ["validation"] * 2 + ["test"] * 2
+    inputs.write_text("".join(json.dumps({"text": f"note {i}", "split": s}) + "\n" for i, s in enumerate(splits)))
+    task = {"kind": "jsonl", "files": [str(inputs)], "prompt_field": "text", "split_field": "split"}
+    openai = {"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "teacher"}
+    generate = {**SLOW, "backend": "openai", "grammar": False, "openai": openai}
+    try:
+        yield {"seed": 1, "task": {**task, "regex": "[0-9a-f]{8}( [0-9a-f]{8}){3}"}, "generate": generate}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def records(tmp_path: Path, name: str) -> list[dict]:
@@ -116,8 +173,9 @@ def test_a_killed_replica_is_restarted_and_the_run_ends_exact(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(tmp_path, tiny_models) -> None:
-    config = write_config(tmp_path, tiny_models, run_name="driver", **CREW, generate={**SLOW, **RAY})
+def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(tmp_path, tiny_models, paced) -> None:
+    sections = {**paced, "generate": {**paced["generate"], **RAY}}
+    config = write_config(tmp_path, tiny_models, run_name="driver", **sections)
     proc = start(config)
     wait_for_records(tmp_path, "driver", 4, proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -135,8 +193,9 @@ def test_killing_the_driver_leaves_nothing_running_and_the_same_command_resumes(
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, tiny_models) -> None:
-    config = write_config(tmp_path, tiny_models, run_name="term", **CREW, generate={**SLOW, **RAY})
+def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, tiny_models, paced) -> None:
+    sections = {**paced, "generate": {**paced["generate"], **RAY}}
+    config = write_config(tmp_path, tiny_models, run_name="term", **sections)
     proc = start(config)
     wait_for_records(tmp_path, "term", 4, proc)
     proc.terminate()
@@ -147,9 +206,9 @@ def test_sigterm_ends_the_run_like_ctrl_c_and_stops_ray(tmp_path, tiny_models) -
 
 
 @pytest.mark.slow
-def test_a_replica_that_keeps_dying_is_one_line_and_keeps_what_is_done(tmp_path, tiny_models) -> None:
-    generate = {**SLOW, "engine": "ray", "ray": {"actors": 2, "max_restarts": 0}}
-    config = write_config(tmp_path, tiny_models, run_name="dies", **CREW, generate=generate)
+def test_a_replica_that_keeps_dying_is_one_line_and_keeps_what_is_done(tmp_path, tiny_models, paced) -> None:
+    generate = {**paced["generate"], "engine": "ray", "ray": {"actors": 2, "max_restarts": 0}}
+    config = write_config(tmp_path, tiny_models, run_name="dies", **{**paced, "generate": generate})
     proc = start(config)
     wait_for_records(tmp_path, "dies", 4, proc)
     kept = records(tmp_path, "dies")

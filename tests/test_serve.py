@@ -445,10 +445,10 @@ def test_vllm_backend_serves_the_merged_model(exported) -> None:
         "serve.ready_timeout_s=180",
         "--overwrite",
     ]
-    res = run_cli("serve", str(exported), *overrides)
+    res = invoke_cli("serve", str(exported), *overrides)
     assert res.returncode == 0, res.stderr
     report = json.loads((load_config(exported).run_path / "serve/report.json").read_text())
     assert report["backend"] == "vllm" and report["fleets"]["slots"]["levels"][0]["completion_tokens"] > 0
     # on a Turing card the plan refuses vLLM and says why
-    res = run_cli("serve", str(exported), "serve.backend=vllm", "--dry-run")
+    res = invoke_cli("serve", str(exported), "serve.backend=vllm", "--dry-run")
     assert res.returncode == 1 and "compute capability 7.5" in res.stderr and "llama_cpp" in res.stderr

@@ -79,10 +79,11 @@ def paced(tmp_path):
     splits = ["train"] * 12 + ["validation"] * 2 + ["test"] * 2
     inputs.write_text("".join(json.dumps({"text": f"note {i}", "split": s}) + "\n" for i, s in enumerate(splits)))
     task = {"kind": "jsonl", "files": [str(inputs)], "prompt_field": "text", "split_field": "split"}
+    task["regex"] = "[0-9a-f]{8}( [0-9a-f]{8}){3}"
     openai = {"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "teacher"}
     generate = {**SLOW, "backend": "openai", "grammar": False, "openai": openai}
     try:
-        yield {"seed": 1, "task": {**task, "regex": "[0-9a-f]{8}( [0-9a-f]{8}){3}"}, "generate": generate}
+        yield {"seed": 1, "task": task, "generate": generate}
     finally:
         server.shutdown()
         server.server_close()

@@ -33,6 +33,7 @@ SLOW = {
     "test_examples": 2,
 }
 ANSWER_S = 1.5  # each answer of the paced teacher
+ANSWER_REGEX = "[0-9a-f]{8}( [0-9a-f]{8}){3}"  # what it answers: four hex words
 
 
 class _PacedTeacher(BaseHTTPRequestHandler):
@@ -78,8 +79,13 @@ def paced(tmp_path):
     inputs = tmp_path / "inputs.jsonl"
     splits = ["train"] * 12 + ["validation"] * 2 + ["test"] * 2
     inputs.write_text("".join(json.dumps({"text": f"note {i}", "split": s}) + "\n" for i, s in enumerate(splits)))
-    task = {"kind": "jsonl", "files": [str(inputs)], "prompt_field": "text", "split_field": "split"}
-    task["regex"] = "[0-9a-f]{8}( [0-9a-f]{8}){3}"
+    task = {
+        "kind": "jsonl",
+        "files": [str(inputs)],
+        "prompt_field": "text",
+        "split_field": "split",
+        "regex": ANSWER_REGEX,
+    }
     openai = {"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "teacher"}
     generate = {**SLOW, "backend": "openai", "grammar": False, "openai": openai}
     try:

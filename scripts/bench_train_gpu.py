@@ -382,7 +382,7 @@ def child_ours(args: argparse.Namespace, work: Path, cuda: bool) -> dict:
     set_seed(cfg.seed)
     model, tokenizer = train_stage.load_student(cfg, backend, bf16)
     rows = json.loads((work / "rows.json").read_text())
-    dataset, truncated = train_stage.tokenize(cfg, tokenizer, rows)
+    dataset, truncated, _ = train_stage.tokenize(cfg, tokenizer, rows)
     reference = json.loads((work / "encoded.json").read_text())
     assert dataset["input_ids"] == [r["input_ids"] for r in reference], "tokenize() disagrees with encode_example"
     assert dataset["labels"] == [r["labels"] for r in reference]

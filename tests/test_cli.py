@@ -144,7 +144,11 @@ def test_tiny_models_command(tmp_path: Path) -> None:
 
 def test_validate_reads_the_task_inputs(tmp_path: Path) -> None:
     ok = run_cli("validate", "configs/techlog.yaml")
-    assert ok.returncode == 0 and "task 'techlog' (459 train, 84 validation, 57 test inputs)" in ok.stderr
+    counts = "train 459 usable, asks 456; validation 84 usable, asks 16; test 57 usable, asks 24"
+    assert ok.returncode == 0 and f"task 'techlog' (inputs: {counts})" in " ".join(ok.stderr.split())
+    labels = run_cli("validate", "configs/crewdesk.yaml")
+    counts = "train 561 usable, asks all; validation 73 usable, asks 16; test 86 usable, asks all"
+    assert labels.returncode == 0 and f"task 'crewdesk' (inputs: {counts})" in " ".join(labels.stderr.split())
     (tmp_path / "s.json").write_text('{"type": "objekt"}')
     bad = run_cli("validate", "configs/techlog.yaml", f"task.json_schema={tmp_path / 's.json'}")
     assert bad.returncode == 1 and "s.json: invalid JSON Schema" in bad.stderr and "Traceback" not in bad.stderr

@@ -58,12 +58,13 @@ def test_scores_of_known_programs() -> None:
     garbage = score("Workout one", row, TASK)
     assert garbage["violations"] == ["unparseable"] and garbage["quality"] == 0.0
 
-    summary = summarize([teacher, result, garbage, teacher], TASK)
+    summary = summarize([teacher, result, garbage, teacher], TASK, [row] * 4)
     assert summary["validity"] == 0.5
     assert summary["violation_rates"]["unparseable"] == 0.25
     assert summary["violation_rates"]["wrong_workout_count"] == 0.25
     assert summary["agreement"]["split_match"] == 0.5
     assert "perplexity" not in summary  # the teacher's own answers are not generated
+    assert "gold" not in summary  # a program has no gold answer to be scored against
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_reference_backend_end_to_end_with_splits(tmp_path, tiny_models) -> None
 
 
 def test_near_duplicates_and_reasoning_only_are_rejected() -> None:
-    from distill.dedup import NearDuplicateIndex
+    from distill.dedup import ExampleDeduplicator
     from distill.stages.generate import judge
     from distill.teachers.reference import ReferenceTeacher
 
@@ -58,7 +58,7 @@ def test_near_duplicates_and_reasoning_only_are_rejected() -> None:
     example = task.example("train", 0)
     inst = {"prompt": example.prompt, "payload": example.payload, "reference": example.reference}
     answer = ReferenceTeacher(task).generate([inst])[0].text
-    dedup = NearDuplicateIndex(0.9)
+    dedup = ExampleDeduplicator("answer", 0.9)
     assert judge(f"<think>\n\n</think>\n\n{answer}", inst, task, dedup)[:2] == ("accepted", [])
     assert judge(answer, inst, task, dedup)[:2] == ("rejected", ["near_duplicate"])
     assert judge("<think>I should plan a push day", inst, task, dedup)[:2] == ("rejected", ["only_reasoning"])

@@ -150,9 +150,22 @@ def test_a_metric_no_model_declares_is_refused_when_the_manifest_is_written(cfg)
 
 
 def test_every_comparison_column_is_an_eval_metric() -> None:
-    from distill.comparison import columns
-    from distill.tasks import default_task
+    from types import SimpleNamespace
 
-    for key, _, _ in columns(default_task(0)):
+    from distill.comparison import _get, columns
+    from distill.scoring import label_scores, record_scores
+    from distill.tasks import Labels, Records, default_task
+
+    for key, _, _ in columns(default_task(0), {}):
         field = key.partition(".")[0]
         assert field in EvalMetrics.model_fields, key
+    scores = {"answers": 1, "validity": 1.0, "mean_quality": 1.0, "violation_rates": {}, "agreement": {}}
+    for shape, gold in (
+        (Labels(("a", "b")), {"labels": label_scores(["a"], ["b"], ("a", "b"))}),
+        (Records(("k",)), {"records": record_scores(['{"k": 1}'], ['{"k": 2}'], ("k",))}),
+        (None, {"exact_match": 0.0}),
+    ):
+        summary = EvalMetrics.model_validate({**scores, "gold": gold}).model_dump(mode="json", exclude_none=True)
+        task = SimpleNamespace(agreement_titles={}, unit="answer", shape=shape)
+        shaped = [key for key, _, _ in columns(task, {"m": summary}) if key.startswith("gold.")]
+        assert shaped and all(_get(summary, key) is not None for key in shaped), shaped

@@ -11,6 +11,7 @@ from conftest import REPO, make_exported_run, run_cli, write_config
 
 from distill.config import load_config
 from distill.errors import DistillError
+from distill.tasks import Labels, Records
 
 TOY = {"kind": "python", "factory": "toy_task:make", "options": {"max_words": 1000}}
 SCHEMA = {
@@ -144,13 +145,9 @@ def test_jsonl_schema_violations_are_named_with_their_paths(tmp_path) -> None:
     }
     assert [v.check for v in task.check("{not json", {})] == ["invalid_json"]
     assert set(task.weights) >= {"invalid_json", "schema_required", "schema_enum", "schema_minimum"}
-    # agreement with the gold answer in the payload (not with whatever the teacher wrote): exact, and per field
-    assert task.agreement(example.reference, "teacher text", example.payload) == {
-        "exact_match": 1.0,
-        "field_accuracy": 1.0,
-    }
-    half = json.dumps({**json.loads(example.reference), "qty": 99})
-    assert task.agreement(half, example.reference, example.payload) == {"exact_match": 0.0, "field_accuracy": 0.5}
+    # scored against the gold answer in the payload (not whatever the teacher wrote), as a record of the schema's fields
+    assert task.gold(example.payload) == example.reference and task.shape == Records(("name", "qty", "tags"))
+    assert task.dedup == "both" and task.agreement_titles == {}
 
 
 def test_jsonl_regex_and_choices(tmp_path) -> None:
@@ -169,6 +166,8 @@ def test_jsonl_regex_and_choices(tmp_path) -> None:
         [{"text": f"q{i}"} for i in range(9)],
     )
     assert choices.check("approve", {}) == [] and [v.check for v in choices.check("maybe", {})] == ["not_a_choice"]
+    assert choices.shape == Labels(("approve", "reject")) and choices.gold({"text": "q1"}) is None
+    assert regex.shape is None and {"approve", "reject"} <= set(choices.corpus(3, 0))
 
 
 def test_jsonl_split_by_group_keeps_each_group_in_one_split(tmp_path) -> None:

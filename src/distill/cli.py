@@ -214,15 +214,24 @@ def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
     def body() -> None:
         import yaml
 
+        from distill.stages.generate import input_counts, requested, size_problems
         from distill.tasks import load_task
 
         cfg = _load(config, overrides)
         task = load_task(cfg)  # the task's files (JSONL, schema, catalog, python factory) are read and checked
+        counts = input_counts(cfg, task)
+        if problems := size_problems(cfg, task, counts):
+            raise ConfigError(problems)
         console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
-        sizes = {s: task.size(s) for s in ("train", "validation", "test")}
-        known = ", ".join(f"{n} {s}" for s, n in sizes.items() if n is not None)
+        known = "; ".join(
+            f"{split} {usable:,} usable"
+            + (f" of {inputs:,}" if usable < inputs else "")
+            + f", asks {'all' if asked is None else asked}"
+            for (split, (inputs, usable)), asked in zip(counts.items(), requested(cfg).values())
+            if usable is not None
+        )
         err_console.print(
-            f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" ({known} inputs)" if known else ""),
+            f"[green]ok:[/] {config} is valid; task '{task.name}'" + (f" (inputs: {known})" if known else ""),
             soft_wrap=True,
         )
 
@@ -234,20 +243,9 @@ def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = F
     """Parameters, steps and memory of the training run, from the student on the meta device."""
 
     def body() -> None:
-        from distill.artifacts import is_complete, read_manifest, stage_dir
         from distill.plan import build_plan
 
-        cfg = _load(config, overrides)
-        mean_tokens = response_tokens = None
-        if is_complete(cfg, "generate"):
-            stats = read_manifest(stage_dir(cfg, "generate"))["metrics"]
-            if stats.get("prompt_tokens"):
-                response_tokens = stats["response_tokens"]["mean"]
-                mean_tokens = stats["prompt_tokens"]["mean"] + response_tokens
-            if stats.get("logprobs"):  # the teacher's own token count, where its distribution was kept
-                kept = sum(n for split, n in stats["counts"].items() if split in ("train", "validation", "test"))
-                response_tokens = stats["logprobs"]["teacher_tokens"] / max(kept, 1)
-        result = build_plan(cfg, mean_tokens, response_tokens)
+        result = build_plan(_load(config, overrides))
         if as_json:
             console.print_json(json.dumps(result))
             return

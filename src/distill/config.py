@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from distill.errors import ConfigError
 from distill.stages import MODELS, sections
@@ -207,6 +216,30 @@ class SelfInstructConfig(Strict):
     )
 
 
+def _count_or_all(minimum: int) -> Any:
+    """A whole number >= minimum, or `all`; one error message for both, naming both."""
+
+    def parse(value: Any) -> int | str:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            return value
+        raise ValueError(f"expected a whole number >= {minimum}, or all (every usable input that passes)")
+
+    return Annotated[
+        int | str, PlainValidator(parse), WithJsonSchema({"anyOf": [{"type": "integer"}, {"const": "all"}]})
+    ]
+
+
+ExampleCount = _count_or_all(1)
+HeldOutCount = _count_or_all(0)
+
+
+SPLIT_KEYS = {  # the setting that sizes each split
+    "train": "generate.num_examples",
+    "validation": "generate.validation_examples",
+    "test": "generate.test_examples",
+}
+
+
 class GenerateConfig(Strict):
     """Stage 1: the teacher writes the training data."""
 
@@ -216,16 +249,28 @@ class GenerateConfig(Strict):
     backend: Literal["vllm", "openai", "transformers", "reference"] = Field(
         "vllm", description="Teacher backend; `reference` writes the task's own reference answers (offline)."
     )
-    num_examples: int = Field(1000, ge=1, description="Accepted training examples to produce.")
-    validation_examples: int = Field(50, ge=0, description="Held-out validation examples (groups never trained on).")
-    test_examples: int = Field(50, ge=0, description="Held-out test examples (groups never trained on).")
+    num_examples: ExampleCount = Field(
+        1000, description="Accepted training examples to produce; `all`: every usable input whose answer passes."
+    )
+    validation_examples: HeldOutCount = Field(
+        50, description="Held-out validation examples (groups never trained on); `all` as for num_examples."
+    )
+    test_examples: HeldOutCount = Field(
+        50, description="Held-out test examples (groups never trained on); `all` as for num_examples."
+    )
     batch_size: int = Field(64, ge=1, description="Prompts per teacher call; output is flushed per batch.")
     max_attempts_factor: float = Field(3.0, ge=1, description="Give up after this many prompts per requested example.")
+    dedup: Literal["auto", "answer", "input", "both", "none"] = Field(
+        "auto",
+        description="What near-duplicate filtering compares: answers, inputs, both (an example repeated: its input "
+        "and its answer like one accepted example's), or none; auto = the task's default (crew: answers; jsonl: "
+        "both). Reference answers are never compared on their own.",
+    )
     dedup_jaccard: float = Field(
         0.9,
         gt=0,
         le=1,
-        description="Drop a response whose word-trigram Jaccard similarity (MinHash) to an accepted one reaches this.",
+        description="Near-duplicate: word-trigram Jaccard similarity (MinHash) to an accepted example's reaches this.",
     )
     grammar: bool = Field(
         False, description="Decode the teacher under the task's output grammar, so fewer answers are rejected for form."
@@ -461,7 +506,9 @@ class PipelineConfig(Strict):
         data = self.model_dump(mode="json")
         subset = {k: data[k] for k in ("seed", "models", "task", *sections(stage))}
         subset.get("eval", {}).pop("models", None)  # which models to evaluate does not change any result
-        for key in ("engine", "ray"):  # nor where the teacher runs: a run started here may continue on Ray
+        # nor where the teacher runs (a run started here may continue on Ray), nor how many attempts it may take
+        # (raising the budget after a shortfall continues the same run)
+        for key in ("engine", "ray", "max_attempts_factor"):
             subset.get("generate", {}).pop(key, None)
         return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -521,7 +568,8 @@ def _format_error(err: dict[str, Any]) -> str:
         hint = f" ({field.description})" if field and field.description else ""
         return f"{key}: required key is missing{hint}"
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return f"{key}: got {shown}; {err['msg'][0].lower()}{err['msg'][1:]}"
+    msg = err["msg"].removeprefix("Value error, ")  # a validator's own message, as written
+    return f"{key}: got {shown}; {msg[0].lower()}{msg[1:]}"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

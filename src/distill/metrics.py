@@ -31,6 +31,11 @@ class TeacherDistribution(Metrics):
     bytes_per_token: float
 
 
+class SplitInputs(Metrics):
+    available: int | None
+    usable: int | None  # not sharing a group with a held-out input
+
+
 class GenerateMetrics(Metrics):
     backend: str | None = None
     engine: str | None = None
@@ -47,8 +52,13 @@ class GenerateMetrics(Metrics):
     student_tokenizer: str | None = None
     prompt_tokens: Lengths | None = None
     response_tokens: Lengths | None = None
+    example_tokens: Lengths | None = None  # prompt and response of each example together
     logprobs: TeacherDistribution | None = None
     cluster: list[dict[str, Any]] | None = None  # each Ray shard's engine and replica throughput
+    requested: dict[str, int | str] | None = None  # per split: a number, or "all" (every usable input that passes)
+    dedup: str | None = None  # what the near-duplicate filter compared
+    inputs: dict[str, SplitInputs] | None = None  # a task with a fixed set of inputs: how many each split has
+    class_balance: dict[str, dict[str, int]] | None = None  # a labels task: each split's answers per label
 
 
 class Coverage(Metrics):
@@ -78,7 +88,8 @@ class TrainMetrics(Metrics):
     optimizer: str | None = None
     processes: int | None = None
     examples: int | None = None
-    truncated: int | None = None
+    truncated: int | None = None  # examples whose answer lost its end to train.max_length
+    skipped_too_long: int | None = None  # examples left out: the prompt alone fills train.max_length
     steps: int | None = None
     planned_steps: int | None = None
     plan_steps: int | None = None
@@ -162,6 +173,48 @@ class ServeMetrics(Metrics):
     budget_held: dict[str, bool] | None = None
 
 
+class ClassScores(Metrics):
+    precision: float
+    recall: float
+    f1: float
+    support: int  # gold labels of this class
+    predicted: int  # answers giving it
+
+
+class LabelScores(Metrics):
+    """Classification against gold labels (see distill.scoring.label_scores)."""
+
+    answers: int
+    accuracy: float
+    macro_f1: float
+    classes: dict[str, ClassScores]
+    confusion: dict[str, dict[str, int]]  # gold label -> answer -> count
+
+
+class FieldScores(Metrics):
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    support: int  # gold records with a value in this field
+
+
+class RecordScores(Metrics):
+    """Extraction against gold records (see distill.scoring.record_scores)."""
+
+    answers: int
+    exact_match: float
+    field_accuracy: float
+    field_f1: float
+    fields: dict[str, FieldScores]
+
+
+class GoldScores(Metrics):
+    labels: LabelScores | None = None
+    records: RecordScores | None = None
+    exact_match: float | None = None  # answers of another shape: the whole answer equals the gold one
+
+
 class Scores(Metrics):
     """One decoding's rates over the held-out answers (see distill.scoring.summarize)."""
 
@@ -174,6 +227,7 @@ class Scores(Metrics):
     latency_s_mean: float | None = None
     latency_s_p50: float | None = None
     tokens_per_s: float | None = None
+    gold: GoldScores | None = None  # the task's answers scored as what they are, against gold answers
 
 
 class EvalMetrics(Scores):

@@ -73,9 +73,88 @@ def distribution_bytes_per_token(k: int) -> int:
     return 4 + 6 * k + 2 * 4
 
 
-def build_plan(
-    cfg: PipelineConfig, mean_tokens: float | None = None, response_tokens: float | None = None
-) -> dict[str, Any]:
+MEASURED = 256  # examples tokenized for the plan: enough for a mean, quick on any dataset
+
+
+def generated(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The generate stage's statistics once it is complete for this config."""
+    from distill.artifacts import is_complete, read_manifest, stage_dir
+
+    return read_manifest(stage_dir(cfg, "generate"))["metrics"] if is_complete(cfg, "generate") else None
+
+
+def example_counts(cfg: PipelineConfig, stats: dict[str, Any] | None) -> dict[str, int]:
+    """Examples per split: generate's own counts once it is done; before, those asked for, with `all` read as the
+    task's usable inputs (a task without an end has no `all`: generate refuses it)."""
+    if stats is not None and stats.get("counts"):
+        return {split: stats["counts"][split] for split in ("train", "validation", "test")}
+    from distill.stages.generate import input_counts, requested
+
+    asked = requested(cfg)
+    if None in asked.values():
+        from distill.tasks import load_task
+
+        usable = {split: n or 0 for split, (_, n) in input_counts(cfg, load_task(cfg)).items()}
+        return {split: usable[split] if n is None else n for split, n in asked.items()}
+    return asked
+
+
+def example_lengths(cfg: PipelineConfig, stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Tokens per training example under the student's tokenizer, each cut at train.max_length as training cuts
+    it (mean and longest): measured on up to MEASURED training examples, evenly spaced, once generate is done, or
+    before that on the task's first inputs with their reference answers where the pack has them. Without a local
+    student tokenizer, from generate's statistics (whose mean, uncut, is an upper bound); None where neither is
+    at hand."""
+    cap = cfg.train.max_length
+    tokens = (stats or {}).get("example_tokens")
+    if not (Path(cfg.models.student) / "config.json").is_file():  # the plan never reaches for a hub
+        if tokens is None:
+            return None
+        return {"mean": min(cap, tokens["mean"]), "longest": min(cap, tokens["max"]), "source": "generate statistics"}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.models.student)
+    pairs, source = _measured_examples(cfg, stats)
+    lengths = []
+    for prompt, answer in pairs:
+        chat = [{"role": "user", "content": prompt}]
+        n = len(tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"])
+        if answer is not None:
+            n += len(tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+        lengths.append(min(cap, n))
+    if not lengths:
+        return None
+    longest = max(lengths + ([min(cap, tokens["max"])] if tokens else []))  # a sample may miss the longest
+    return {"mean": round(sum(lengths) / len(lengths), 1), "longest": longest, "source": source}
+
+
+def _measured_examples(cfg: PipelineConfig, stats: dict[str, Any] | None) -> tuple[list[tuple[str, Any]], str]:
+    """(prompt, answer or None) pairs to measure, and where they come from, in words."""
+    if stats is not None:
+        from datasets import load_from_disk
+
+        from distill.artifacts import stage_dir
+
+        rows = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))["train"]
+        step = max(1, -(-len(rows) // MEASURED))
+        sample = rows.select(range(0, len(rows), step))
+        pairs = list(zip(sample["prompt"], sample["response"]))
+        return pairs, f"{len(pairs):,} of the {len(rows):,} training examples"
+    from distill.tasks import load_task
+
+    task = load_task(cfg)
+    pairs = []
+    for index in range(MEASURED):
+        example = task.example("train", index)
+        if example is None:
+            break
+        pairs.append((example.prompt, example.reference))
+    answered = all(answer is not None for _, answer in pairs)
+    what = "prompts and reference answers" if answered else "prompts only (no reference answers)"
+    return pairs, f"{len(pairs)} task inputs, {what}"
+
+
+def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
     model = meta_model(cfg)
     text_cfg = model.config
     base = sum(p.numel() for p in model.parameters())
@@ -89,9 +168,12 @@ def build_plan(
             f"train.lora.target_modules: none of {cfg.train.lora.target_modules} is a Linear layer of the student"
         )
     total = base + trainable if cfg.train.method == "lora" else base
-    examples = cfg.generate.num_examples
+    stats = generated(cfg)
+    counts = example_counts(cfg, stats)
+    examples = counts["train"]
     steps = train_steps(examples, cfg)
-    seq = cfg.train.max_length if mean_tokens is None else min(cfg.train.max_length, mean_tokens)
+    lengths = example_lengths(cfg, stats)
+    seq = cfg.train.max_length if lengths is None else lengths["mean"]
     tokens = examples * seq * cfg.train.epochs
 
     precision = "fp32" if cfg.train.precision == "fp32" else "bf16"
@@ -99,7 +181,8 @@ def build_plan(
     hidden = text_cfg.hidden_size
     vocab = text_cfg.vocab_size
     layers = text_cfg.num_hidden_layers
-    seq_len = cfg.train.max_length
+    # a batch is as long as its longest example
+    seq_len = cfg.train.max_length if lengths is None else lengths["longest"]
     # GPT-2 names its MLP width n_inner, and None there means 4 x hidden.
     mlp = getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None) or 4 * hidden
     # Weights in training precision; trainable params keep fp32 master weights + grads + 2 optimizer states
@@ -125,7 +208,8 @@ def build_plan(
         "steps_per_epoch": steps_per_epoch(examples, cfg),
         "steps": steps,
         "mean_tokens_per_example": seq,
-        "mean_tokens_source": "max_length (upper bound)" if mean_tokens is None else "generate statistics",
+        "longest_tokens_per_example": seq_len,
+        "tokens_source": "train.max_length (upper bound)" if lengths is None else lengths["source"],
         "estimated_tokens": int(tokens),
         "memory_bytes": {
             "weights": weights,
@@ -142,8 +226,13 @@ def build_plan(
         # every generated example keeps it, held-out ones included; the answer length is the teacher's (or, from
         # data generated without it, the student's) from generate statistics, or before any data the sampling limit
         per_token = distribution_bytes_per_token(g.logprobs)
+        response_tokens = None
+        if stats is not None and stats.get("logprobs"):  # the teacher's own token count, where it was kept
+            response_tokens = stats["logprobs"]["teacher_tokens"] / max(sum(counts.values()), 1)
+        elif stats is not None and stats.get("response_tokens"):
+            response_tokens = stats["response_tokens"]["mean"]
         length = response_tokens or g.sampling.max_tokens
-        stored = examples + g.validation_examples + g.test_examples
+        stored = sum(counts.values())
         plan["teacher_distribution"] = {
             "k": g.logprobs,
             "bytes_per_token": per_token,

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import atomic_write_text, read_manifest, stage_dir, stage_status
-from distill.config import PipelineConfig
+from distill.config import SPLIT_KEYS, PipelineConfig
+from distill.dedup import DEDUP_WORDS
 from distill.metrics import (
     STAGE_METRICS,
     ExportMetrics,
@@ -16,6 +17,7 @@ from distill.metrics import (
     ServeMetrics,
     TrainMetrics,
 )
+from distill.scoring import shares
 from distill.tasks import Task, load_task
 
 MIB = 2**20
@@ -53,9 +55,25 @@ def _generate(cfg: PipelineConfig, task: Task, m: GenerateMetrics) -> list[str]:
             f"Written by {who}: {counts['train']} training, {counts['validation']} validation and {counts['test']} "
             f"test examples (held-out groups, never trained on) from {counts['attempts']} attempts; acceptance "
             f"{m.acceptance_rate:.0%}; rejected for: {reasons}."
+            + (f" Near-duplicates: {DEDUP_WORDS[m.dedup]} compared." if m.dedup else "")
         ),
         "",
     ]
+    if m.inputs:
+        taken = "; ".join(
+            f"{split} {counts[split]:,} of {n.usable:,} usable"
+            + (
+                f" (every one that passed: `{SPLIT_KEYS[split]}: all`)"
+                if (m.requested or {}).get(split) == "all"
+                else ""
+            )
+            for split, n in m.inputs.items()
+            if n.usable is not None
+        )
+        lines += [f"The task's inputs: {taken}.", ""]
+    if m.class_balance:
+        balance = "; ".join(f"{split} {shares(c)}" for split, c in m.class_balance.items() if c)
+        lines += [f"Class balance (answers per label): {balance}.", ""]
     if m.prompt_tokens:
         p, r = m.prompt_tokens, m.response_tokens
         lines += [
@@ -88,8 +106,18 @@ def _train(cfg: PipelineConfig, m: TrainMetrics) -> list[str]:
         f"{cfg.train.method} fine-tuning with `{m.backend}`, {m.optimizer.rsplit('.', 1)[-1]} ({m.optimizer}), "
         f"{m.precision}: {m.trainable_params:,} trainable of {m.all_params:,} parameters "
         f"({m.trainable_params / m.all_params:.1%}), {m.steps} steps over {m.examples} examples in "
-        f"{m.wall_s / 60:.1f} min ({m.tokens_per_s:,.0f} tokens/s); final loss {m.final_loss:.3f}"
+        f"{m.wall_s / 60:.1f} min ({m.tokens_per_s:,.0f} tokens/s); "
+        + (
+            f"final loss {m.final_loss:.3f}"
+            if m.final_loss is not None
+            else f"no loss logged (fewer steps than train.logging_steps={cfg.train.logging_steps})"
+        )
         + (f"; {m.truncated} examples truncated" if m.truncated else "")
+        + (
+            f"; {m.skipped_too_long} left out (prompt longer than train.max_length={cfg.train.max_length})"
+            if m.skipped_too_long
+            else ""
+        )
         + ".",
         "",
         _objective(m),
@@ -236,6 +264,8 @@ def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
         ]
     if (stage_dir(cfg, "eval") / "comparison.png").is_file():
         lines += ["![held-out comparison](eval/comparison.png)", ""]
+    if (stage_dir(cfg, "eval") / "confusion.png").is_file():
+        lines += ["![confusion matrices](eval/confusion.png)", ""]
     return lines
 
 

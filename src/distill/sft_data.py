@@ -1,7 +1,9 @@
 """Label-masked SFT examples: the student's chat template, loss only on the response and its end of turn.
 
 The prompt is rendered exactly as at inference (`add_generation_prompt=True`), the answer is whatever
-the template appends after it up to and including the end-of-turn token; everything else is -100.
+the template appends after it up to and including the end-of-turn token; everything else is -100. An example
+longer than the limit keeps its whole prompt and loses the end of its answer; one whose prompt alone fills it
+has nothing to train (`PromptTooLong`), and training leaves it out and counts it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from typing import Any
 from distill.errors import DistillError
 
 IGNORE = -100
+
+
+class PromptTooLong(DistillError):
+    """The prompt alone fills train.max_length: no answer token would be trained."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +60,15 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int, 
         )
     # Text the template adds after the end of turn (a newline) is never generated, so it is not trained.
     answer_ids = answer_ids[: answer_ids.index(eot) + 1]
-    input_ids = prompt_ids + answer_ids
-    labels = [IGNORE] * len(prompt_ids) + answer_ids
-    truncated = len(input_ids) > max_length
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels[1:]):
-        raise DistillError(
+    if len(prompt_ids) >= max_length:
+        raise PromptTooLong(
             f"example {example_id}: no trainable tokens left (prompt {len(prompt_ids)} tokens, train.max_length "
             f"{max_length}); raise train.max_length or shorten the prompt"
         )
-    return Encoded(input_ids, labels, truncated)
+    input_ids = prompt_ids + answer_ids
+    labels = [IGNORE] * len(prompt_ids) + answer_ids
+    truncated = len(input_ids) > max_length
+    return Encoded(input_ids[:max_length], labels[:max_length], truncated)
 
 
 class Collator:

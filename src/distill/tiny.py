@@ -131,7 +131,8 @@ def _student_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Any:
         normalization_rule_name="identity",
         character_coverage=1.0,
         hard_vocab_limit=False,  # task text is repetitive: accept fewer pieces than asked for
-        max_sentence_length=1 << 16,
+        # SentencePiece skips a longer text without a word: a task of long inputs would lose them from its corpus
+        max_sentence_length=max(1 << 16, *(len(t.encode()) + 1 for t in texts)),
         num_threads=2,
         minloglevel=2,
     )

@@ -163,9 +163,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     folder = record.folder
     record.files = {"generations": RECORDS}
     records = evaluate(cfg, task, model, rows, folder, constrained=grammar is not None)
-    summary = summarize(records[False], task)
+    summary = summarize(records[False], task, rows)
     if grammar is not None:
-        summary["constrained"] = summarize(records[True], task)
+        summary["constrained"] = summarize(records[True], task, rows)
         record.files["constrained generations"] = CONSTRAINED
     if model != "teacher":
         summary["grammar"] = grammar_use(cfg, grammar)

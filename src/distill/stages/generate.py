@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import StageRecord, atomic_dir, atomic_write_json, open_stage, stage_dir
-from distill.config import PipelineConfig
+from distill.config import SPLIT_KEYS, PipelineConfig
 from distill.constrain import first_grammar, task_grammar
 from distill.data import append_records, read_records
-from distill.dedup import NearDuplicateIndex
-from distill.errors import DistillError
+from distill.dedup import DEDUP_WORDS, ExampleDeduplicator
+from distill.errors import ConfigError, DistillError
 from distill.kd import COLUMNS, pack, unpack
 from distill.models import ensure_models
-from distill.tasks import Task, load_task
+from distill.tasks import Dedup, Labels, Task, load_task
 from distill.teachers import check_backend, make_teacher
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,11 @@ class Shard:
         return cls(i, n)
 
 
-def requested(cfg: PipelineConfig) -> dict[str, int]:
+def requested(cfg: PipelineConfig) -> dict[str, int | None]:
+    """Examples asked for per split; None: every usable input whose answer passes (`all`)."""
     g = cfg.generate
-    return {"train": g.num_examples, "validation": g.validation_examples, "test": g.test_examples}
+    asked = {"train": g.num_examples, "validation": g.validation_examples, "test": g.test_examples}
+    return {split: None if n == "all" else n for split, n in asked.items()}
 
 
 def shard_quota(total: int, shard: Shard) -> int:
@@ -76,8 +78,11 @@ def reserved_groups(cfg: PipelineConfig, task: Task, shard: Shard, splits: tuple
     groups: set[str] = set()
     for split in splits:
         total = requested(cfg)[split]
-        span = shard.count * max(
-            (attempt_budget(cfg, shard_quota(total, Shard(k, shard.count))) for k in range(shard.count)), default=0
+        span = (
+            task.size(split)  # `all` tries every input
+            if total is None
+            else shard.count
+            * max(attempt_budget(cfg, shard_quota(total, Shard(k, shard.count))) for k in range(shard.count))
         )
         for index in range(span):
             example = task.example(split, index)
@@ -87,19 +92,74 @@ def reserved_groups(cfg: PipelineConfig, task: Task, shard: Shard, splits: tuple
     return groups
 
 
-def check_sizes(cfg: PipelineConfig, task: Task) -> None:
-    """A task with a fixed set of inputs must hold at least as many as are asked for."""
-    keys = {
-        "train": "generate.num_examples",
-        "validation": "generate.validation_examples",
-        "test": "generate.test_examples",
-    }
+def blocked_groups(cfg: PipelineConfig, task: Task, shard: Shard) -> dict[str, set[str]]:
+    """Per split, the groups its inputs may not have: those a held-out split before it may use."""
+    validation = reserved_groups(cfg, task, shard, ("validation",))
+    return {"validation": set(), "test": validation, "train": validation | reserved_groups(cfg, task, shard, ("test",))}
+
+
+def usable_inputs(task: Task, split: str, blocked: set[str], shard: Shard = Shard(0, 1)) -> int | None:
+    """A shard's inputs of a split whose group is not blocked; None when the task makes as many as asked."""
+    size = task.size(split)
+    if size is None:
+        return None
+    return sum(task.example(split, index).group not in blocked for index in range(shard.index, size, shard.count))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one shard does for one split."""
+
+    quota: int  # examples to accept; with `take_all`, the usable inputs to try
+    budget: int  # attempts allowed
+    take_all: bool
+    blocked: set[str]
+
+    def progress(self, state: ShardState, split: str) -> int:
+        """How much of the quota is done: examples accepted, or with `take_all` inputs tried."""
+        return (state.attempts if self.take_all else state.accepted)[split]
+
+
+def targets(cfg: PipelineConfig, task: Task, shard: Shard) -> dict[str, Target]:
+    blocked = blocked_groups(cfg, task, shard)
+    out = {}
     for split, total in requested(cfg).items():
-        size = task.size(split)
-        if size is not None and total > size:
-            raise DistillError(
-                f"{keys[split]}={total} but task '{task.name}' has only {size} {split} inputs; lower it or add inputs"
+        if total is None:
+            usable = usable_inputs(task, split, blocked[split], shard) or 0
+            out[split] = Target(usable, usable, True, blocked[split])
+        else:
+            quota = shard_quota(total, shard)
+            out[split] = Target(quota, attempt_budget(cfg, quota), False, blocked[split])
+    return out
+
+
+def input_counts(cfg: PipelineConfig, task: Task) -> dict[str, tuple[int | None, int | None]]:
+    """Per split, (inputs, usable): the task's inputs, and of them those whose group no held-out attempt may use
+    (None for both where the task makes as many as asked)."""
+    if all(task.size(split) is None for split in SPLIT_KEYS):
+        return {split: (None, None) for split in SPLIT_KEYS}
+    blocked = blocked_groups(cfg, task, Shard(0, 1))
+    return {split: (task.size(split), usable_inputs(task, split, blocked[split])) for split in SPLIT_KEYS}
+
+
+def size_problems(cfg: PipelineConfig, task: Task, counts: dict[str, tuple[int | None, int | None]]) -> list[str]:
+    """Splits that ask for more than the task's usable inputs, or for `all` of a task without an end."""
+    problems = []
+    for split, total in requested(cfg).items():
+        inputs, usable = counts[split]
+        if usable is None:
+            if total is None:
+                problems.append(
+                    f"{SPLIT_KEYS[split]}=all: task '{task.name}' makes as many inputs as asked; give a number instead"
+                )
+        elif total is not None and total > usable:
+            shared = f"; {inputs - usable} share a group with held-out inputs" if usable < inputs else ""
+            problems.append(
+                f"{SPLIT_KEYS[split]}={total} but task '{task.name}' has only {usable} usable {split} inputs "
+                f"({inputs} in all{shared}); lower it, set {SPLIT_KEYS[split]}=all to take every input that passes, "
+                "or add inputs"
             )
+    return problems
 
 
 @dataclass
@@ -130,23 +190,17 @@ def load_state(path: Path) -> ShardState:
 
 
 def split_candidates(
-    cfg: PipelineConfig,
-    task: Task,
-    shard: Shard,
-    split: str,
-    state: ShardState,
-    blocked: set[str],
-    requests: list[str] | None,
+    task: Task, shard: Shard, split: str, state: ShardState, target: Target, requests: list[str] | None
 ) -> Iterator[dict[str, Any]]:
     """This shard's untried inputs of one split, in index order, within its attempt budget."""
-    budget = attempt_budget(cfg, shard_quota(requested(cfg)[split], shard)) - state.attempts[split]
+    budget = target.budget - state.attempts[split]
     index = shard.index
     while budget > 0:
         if (split, index) not in state.done:
             example = task.example(split, index)
             if example is None:
                 return  # the task has no more inputs for this split
-            if example.group not in blocked:
+            if example.group not in target.blocked:
                 prompt = example.prompt
                 if requests:
                     prompt = task.self_instruct().with_request(prompt, requests[index % len(requests)])
@@ -164,19 +218,22 @@ def split_candidates(
 
 
 def next_batch(
-    cfg: PipelineConfig, shard: Shard, state: ShardState, candidates: dict[str, Iterator[dict[str, Any]]]
+    cfg: PipelineConfig,
+    plan: dict[str, Target],
+    state: ShardState,
+    candidates: dict[str, Iterator[dict[str, Any]]],
 ) -> list[dict[str, Any]]:
     """Up to batch_size instances, never more of a split than it still needs, so counts come out exact."""
     batch: list[dict[str, Any]] = []
     for split in SPLITS:
-        need = shard_quota(requested(cfg)[split], shard) - state.accepted[split]
+        need = plan[split].quota - plan[split].progress(state, split)
         room = cfg.generate.batch_size - len(batch)
         batch += itertools.islice(candidates[split], max(0, min(need, room)))
     return batch
 
 
 def judge(
-    completion_text: str, inst: dict[str, Any], task: Task, dedup: NearDuplicateIndex
+    completion_text: str, inst: dict[str, Any], task: Task, dedup: ExampleDeduplicator
 ) -> tuple[str, list[str], str, int]:
     """(status, reasons, answer, think blocks) for one teacher answer."""
     from distill.teachers import strip_think
@@ -189,16 +246,16 @@ def judge(
     violations = task.check(answer, inst["payload"])
     if violations:
         return "rejected", sorted({v.check for v in violations}), answer, blocks
-    if dedup.is_duplicate(answer):
+    if dedup.is_duplicate(inst["prompt"], answer):
         return "rejected", ["near_duplicate"], answer, blocks
-    dedup.add(answer)
+    dedup.add(inst["prompt"], answer)
     return "accepted", [], answer, blocks
 
 
 def _record(
     cfg: PipelineConfig,
     task: Task,
-    dedup: NearDuplicateIndex,
+    dedup: ExampleDeduplicator,
     inst: dict[str, Any],
     completion: Any,
     batch: str,
@@ -236,24 +293,25 @@ def _replica_rates(teacher: Any) -> str:
     return " · replicas " + ", ".join(f"{r['examples_per_s']:g} ex/s {r['tokens_per_s']:.0f} tok/s" for r in rates)
 
 
-def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> ShardState:
+def dedup_mode(cfg: PipelineConfig, task: Task) -> Dedup:
+    """What the near-duplicate filter compares in this run: `generate.dedup`, or the task's own default."""
+    mode = task.dedup if cfg.generate.dedup == "auto" else cfg.generate.dedup
+    if mode == "answer" and cfg.generate.backend == "reference":
+        return "none"  # a reference answer is right by definition, however many inputs share it
+    return mode
+
+
+def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, plan: dict[str, Target], folder: Path) -> ShardState:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     shard_dir = folder / "shards" / shard.name
     shard_dir.mkdir(parents=True, exist_ok=True)
     records_path = shard_dir / "records.jsonl"
     state = load_state(records_path)
-    dedup = NearDuplicateIndex(cfg.generate.dedup_jaccard)
+    dedup = ExampleDeduplicator(dedup_mode(cfg, task), cfg.generate.dedup_jaccard)
     for record in state.accepted_records:
-        dedup.add(record["response"])
-    target = sum(shard_quota(total, shard) for total in requested(cfg).values())
-    validation = reserved_groups(cfg, task, shard, ("validation",))
-    blocked = {
-        "validation": set(),
-        "test": validation,
-        "train": validation | reserved_groups(cfg, task, shard, ("test",)),
-    }
-    if not has_work(cfg, shard, state):
+        dedup.add(record["prompt"], record["response"])
+    if not has_work(plan, state):
         return state
     columns = (
         TextColumn("[bold]generate[/] {task.description}"),
@@ -275,13 +333,14 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
             from distill.selfinstruct import request_pool
 
             requests = request_pool(cfg, task, folder, teacher)
-        candidates = {s: split_candidates(cfg, task, shard, s, state, blocked[s], requests) for s in SPLITS}
-        pending = next_batch(cfg, shard, state, candidates)
+        candidates = {s: split_candidates(task, shard, s, state, plan[s], requests) for s in SPLITS}
+        pending = next_batch(cfg, plan, state, candidates)
         tokens = 0
         started = time.perf_counter()
         with Progress(*columns, transient=False) as progress:
+            total = sum(t.quota for t in plan.values())
             bar = progress.add_task(
-                shard.name, total=target, completed=sum(state.accepted.values()), rate=0.0, tps=0.0, replicas=""
+                shard.name, total=total, completed=_progress(plan, state), rate=0.0, tps=0.0, replicas=""
             )
             while pending:
                 batch_start = time.perf_counter()
@@ -303,12 +362,12 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
                 replicas = _replica_rates(teacher) if cfg.generate.engine == "ray" else ""
                 progress.update(
                     bar,
-                    completed=sum(state.accepted.values()),
+                    completed=_progress(plan, state),
                     rate=sum(state.accepted.values()) / max(attempts, 1),
                     tps=tokens / max(time.perf_counter() - started, 1e-9),
                     replicas=replicas,
                 )
-                pending = next_batch(cfg, shard, state, candidates)
+                pending = next_batch(cfg, plan, state, candidates)
         if cfg.generate.engine == "ray":
             atomic_write_json(shard_dir / "engine.json", {**teacher.cluster, "replicas": teacher.throughput()})
     finally:
@@ -316,29 +375,41 @@ def run_shard(cfg: PipelineConfig, task: Task, shard: Shard, folder: Path) -> Sh
     return load_state(records_path)
 
 
-def has_work(cfg: PipelineConfig, shard: Shard, state: ShardState) -> bool:
+def _progress(plan: dict[str, Target], state: ShardState) -> int:
+    return sum(t.progress(state, s) for s, t in plan.items())
+
+
+def has_work(plan: dict[str, Target], state: ShardState) -> bool:
     """Some split still needs examples and has attempts left."""
-    return any(
-        state.accepted[s] < shard_quota(total, shard)
-        and state.attempts[s] < attempt_budget(cfg, shard_quota(total, shard))
-        for s, total in requested(cfg).items()
-    )
+    return any(t.progress(state, s) < t.quota and state.attempts[s] < t.budget for s, t in plan.items())
 
 
-def shard_complete(cfg: PipelineConfig, shard: Shard, state: ShardState) -> bool:
-    return all(state.accepted[s] >= shard_quota(total, shard) for s, total in requested(cfg).items())
+def shard_complete(plan: dict[str, Target], state: ShardState) -> bool:
+    return all(t.progress(state, s) >= t.quota for s, t in plan.items())
 
 
-def _shortfall_message(cfg: PipelineConfig, shard: Shard, state: ShardState) -> str:
-    parts = [
-        f"{split} {state.accepted[split]}/{shard_quota(total, shard)}"
-        for split, total in requested(cfg).items()
-        if state.accepted[split] < shard_quota(total, shard)
-    ]
+def _shortfall_message(task: Task, shard: Shard, plan: dict[str, Target], state: ShardState) -> str:
+    """Why a split came up short, and the setting that fixes it: the task's inputs ran out (fewer pass than are
+    asked for), or the attempt budget did (the teacher's answers fail too often)."""
     reasons = Counter(r for _, rec in read_records(state.path) for r in rec["reasons"])
     top = ", ".join(f"{name} {count}" for name, count in reasons.most_common(3)) or "none"
+    where = f" ({shard.name})" if shard.count > 1 else ""
+    short = [s for s, t in plan.items() if t.progress(state, s) < t.quota]
+    exhausted = [s for s in short if usable_inputs(task, s, plan[s].blocked, shard) == state.attempts[s]]
+    if exhausted:
+        parts = ", ".join(
+            f"{s} {state.accepted[s]} of {plan[s].quota} asked for, every one of its {state.attempts[s]} usable "
+            "inputs tried"
+            for s in exhausted
+        )
+        fixes = " and ".join(f"{SPLIT_KEYS[s]}={state.accepted[s]}" for s in exhausted)
+        return (
+            f"generate{where}: task '{task.name}' has no more inputs ({parts}; rejected for: {top}); set {fixes}, or "
+            "=all to take every input that passes, or add inputs; then re-run with --overwrite"
+        )
+    parts = ", ".join(f"{s} {state.accepted[s]}/{plan[s].quota}" for s in short)
     return (
-        f"generate: the teacher's answers ran out of attempts ({', '.join(parts)} accepted; top reject reasons: {top}); "
+        f"generate{where}: the teacher's answers ran out of attempts ({parts} accepted; top reject reasons: {top}); "
         "raise generate.max_attempts_factor, fix the teacher or its sampling, then re-run to continue"
     )
 
@@ -356,7 +427,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
     if merge_shards and shard is not None:
         raise DistillError("--merge-shards combines finished shards; run it without --shard")
     task = load_task(cfg)  # a broken task fails here, before anything on disk is touched
-    check_sizes(cfg, task)
+    if problems := size_problems(cfg, task, input_counts(cfg, task)):
+        raise ConfigError(problems)
     check_backend(cfg)
     if cfg.generate.grammar:
         _check_grammar(cfg, task)
@@ -378,11 +450,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
     if record is None:
         return folder
     if merge_shards:
-        return merge(cfg, record)
+        return merge(cfg, task, record)
     ensure_models(cfg)
-    state = run_shard(cfg, task, part, folder)
-    if not shard_complete(cfg, part, state):
-        raise DistillError(_shortfall_message(cfg, part, state))
+    plan = targets(cfg, task, part)
+    state = run_shard(cfg, task, part, plan, folder)
+    if not shard_complete(plan, state):
+        raise DistillError(_shortfall_message(task, part, plan, state))
     atomic_write_json(
         folder / "shards" / part.name / "done.json",
         {"accepted": dict(state.accepted), "attempts": dict(state.attempts)},
@@ -395,10 +468,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
             cfg.command_args,
         )
         return folder / "shards" / part.name
-    return merge(cfg, record)
+    return merge(cfg, task, record)
 
 
-def merge(cfg: PipelineConfig, record: StageRecord) -> Path:
+def merge(cfg: PipelineConfig, task: Task, record: StageRecord) -> Path:
     """Combine finished shards into the dataset, checking that nothing is missing or doubled."""
     folder = record.folder
     shard_dirs = sorted((folder / "shards").glob("shard-*-of-*")) if (folder / "shards").exists() else []
@@ -424,7 +497,7 @@ def merge(cfg: PipelineConfig, record: StageRecord) -> Path:
             seen[rec["id"]] = shard_dir.name
             (accepted[rec["split"]] if rec["status"] == "accepted" else rejected).append(rec)
     for split, total in requested(cfg).items():
-        if len(accepted[split]) != total:
+        if total is not None and len(accepted[split]) != total:
             raise DistillError(
                 f"generate: {split} has {len(accepted[split])} accepted examples, expected {total}; re-run the shards"
             )
@@ -438,7 +511,7 @@ def merge(cfg: PipelineConfig, record: StageRecord) -> Path:
     saved = save_dataset(accepted, folder / "dataset", cfg.generate.logprobs)
     with (folder / "rejected.jsonl").open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
-    stats = statistics(cfg, accepted, rejected, n)
+    stats = statistics(cfg, task, accepted, rejected, n)
     if cfg.generate.logprobs:
         stats["logprobs"] = distribution_size(saved, cfg.generate.logprobs)
     engines = [json.loads(p.read_text()) for d in shard_dirs if (p := d / "engine.json").is_file()]
@@ -518,7 +591,11 @@ def _lengths(values: list[int]) -> dict[str, float]:
 
 
 def statistics(
-    cfg: PipelineConfig, accepted: dict[str, list[dict[str, Any]]], rejected: list[dict[str, Any]], shards: int
+    cfg: PipelineConfig,
+    task: Task,
+    accepted: dict[str, list[dict[str, Any]]],
+    rejected: list[dict[str, Any]],
+    shards: int,
 ) -> dict[str, Any]:
     everything = [r for recs in accepted.values() for r in recs] + rejected
     wall = sum({r["batch"]: r["batch_s"] for r in everything}.values())
@@ -537,7 +614,16 @@ def statistics(
         "teacher_seconds": round(wall, 3),
         "output_tokens_per_s": round(output_tokens / wall, 1) if wall else None,
         "examples_per_s": round(len(everything) / wall, 2) if wall else None,
+        "requested": {split: "all" if n is None else n for split, n in requested(cfg).items()},
+        "dedup": dedup_mode(cfg, task),
     }
+    counts = input_counts(cfg, task)
+    if any(inputs is not None for inputs, _ in counts.values()):
+        stats["inputs"] = {split: {"available": inputs, "usable": usable} for split, (inputs, usable) in counts.items()}
+    if isinstance(task.shape, Labels):
+        stats["class_balance"] = {
+            split: dict(Counter(r["response"].strip() for r in accepted[split]).most_common()) for split in SPLIT_KEYS
+        }
     stats.update(token_lengths(cfg, [r for recs in accepted.values() for r in recs]))
     return stats
 
@@ -560,6 +646,7 @@ def token_lengths(cfg: PipelineConfig, records: list[dict[str, Any]]) -> dict[st
         "student_tokenizer": cfg.models.student,
         "prompt_tokens": _lengths(prompts),
         "response_tokens": _lengths(responses),
+        "example_tokens": _lengths([p + r for p, r in zip(prompts, responses)]),
     }
 
 
@@ -567,12 +654,20 @@ def print_stats(stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from distill.scoring import shares
+
     table = Table(title="generate", show_header=False)
+    inputs = stats.get("inputs", {})
     for split, count in stats["counts"].items():
-        table.add_row(f"examples: {split}", f"{count:,}")
+        usable = inputs.get(split, {}).get("usable")
+        of = f" of {usable:,} usable inputs" if usable is not None else ""
+        table.add_row(f"examples: {split}", f"{count:,}{of}")
     table.add_row("acceptance", f"{stats['acceptance_rate']:.1%}")
     for reason, count in stats["reject_reasons"].items():
         table.add_row(f"  rejected: {reason}", f"{count:,}")
+    table.add_row("near-duplicates compared", DEDUP_WORDS[stats["dedup"]])
+    for split, counts in stats.get("class_balance", {}).items():
+        table.add_row(f"classes: {split}", shares(counts))
     table.add_row("think blocks stripped", str(stats["think_blocks_stripped"]))
     for key in ("prompt_tokens", "response_tokens"):
         if key in stats:

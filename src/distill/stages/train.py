@@ -87,25 +87,38 @@ def check_distribution(cfg: PipelineConfig, rows: Any) -> None:
         )
 
 
-def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int]:
+def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int, list[str]]:
+    """The examples as token ids and labels, how many lost the end of their answer to train.max_length, and the
+    ids of those left out because their prompt alone fills it."""
     from datasets import Dataset, concatenate_datasets
 
     from distill.kd import COLUMNS
-    from distill.sft_data import check_chat_template, encode_example
+    from distill.sft_data import PromptTooLong, check_chat_template, encode_example
 
     check_chat_template(tokenizer, cfg.models.student)
     columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": []}
-    truncated = 0
-    for row in rows:
-        enc = encode_example(tokenizer, row["prompt"], row["response"], cfg.train.max_length, row["id"])
+    truncated, kept, skipped, too_long = 0, [], [], None
+    for index, row in enumerate(rows):
+        try:
+            enc = encode_example(tokenizer, row["prompt"], row["response"], cfg.train.max_length, row["id"])
+        except PromptTooLong as exc:
+            too_long = too_long or exc
+            skipped.append(row["id"])
+            continue
+        kept.append(index)
         columns["input_ids"].append(enc.input_ids)
         columns["labels"].append(enc.labels)
         columns["length"].append(len(enc.input_ids))
         truncated += enc.truncated
+    if too_long is not None and not kept:
+        raise DistillError(f"train: every example's prompt fills train.max_length; the first: {too_long}")
     dataset = Dataset.from_dict(columns)
     if cfg.train.objective == "kd":  # the collator aligns them batch by batch; they stay in Arrow until then
-        dataset = concatenate_datasets([dataset, rows.select_columns(["response", *COLUMNS])], axis=1)
-    return dataset, truncated
+        distribution = rows.select_columns(["response", *COLUMNS])
+        if skipped:
+            distribution = distribution.select(kept)
+        dataset = concatenate_datasets([dataset, distribution], axis=1)
+    return dataset, truncated, skipped
 
 
 def kd_coverage(dataset: Any, aligner: Any) -> dict[str, Any]:
@@ -338,7 +351,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     if t.objective == "kd":
         check_distribution(cfg, rows)
     model, tokenizer = load_student(cfg, backend, bf16)
-    dataset, truncated = tokenize(cfg, tokenizer, rows)
+    dataset, truncated, skipped = tokenize(cfg, tokenizer, rows)
     if truncated:
         log.warning(
             "%d of %d examples are longer than train.max_length=%d; their answers were cut at the end",
@@ -346,10 +359,19 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             len(dataset),
             t.max_length,
         )
+    if skipped:
+        log.warning(
+            "%d of %d examples left out: their prompt alone fills train.max_length=%d (%s%s); raise it to train them",
+            len(skipped),
+            len(rows),
+            t.max_length,
+            ", ".join(skipped[:3]),
+            ", ..." if len(skipped) > 3 else "",
+        )
     plan = check_plan(cfg, model)
     steps = train_steps(len(dataset), cfg, world_size=args.world_size)
-    if len(dataset) != cfg.generate.num_examples:
-        log.warning("train split has %d examples, generate.num_examples is %d", len(dataset), cfg.generate.num_examples)
+    if len(rows) != plan["examples"]:
+        log.warning("train split has %d examples, the plan counted %d", len(rows), plan["examples"])
     log.info(
         "%s backend, %s, %d process(es), %d examples, %d steps, %s trainable parameters",
         backend,
@@ -382,7 +404,14 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     _save(trainer.model, tokenizer, folder / out_name)
     plot_loss(log_path, folder / "loss.png")
     entries = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    setup = {"backend": backend, "bf16": bf16, "examples": len(dataset), "truncated": truncated, "steps": steps}
+    setup = {
+        "backend": backend,
+        "bf16": bf16,
+        "examples": len(dataset),
+        "truncated": truncated,
+        "skipped": len(skipped),
+        "steps": steps,
+    }
     record.metrics = train_metrics(cfg, trainer, setup, plan, coverage, entries, wall, tokens_before, resume)
     record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
     return record.finish()
@@ -410,6 +439,7 @@ def train_metrics(
         "processes": world,
         "examples": setup["examples"],
         "truncated": setup["truncated"],
+        "skipped_too_long": setup["skipped"],
         "steps": state.global_step,
         "planned_steps": setup["steps"],
         "plan_steps": plan["steps"],

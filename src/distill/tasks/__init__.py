@@ -3,7 +3,10 @@
 A pack makes the i-th input of a split (`Example`), checks an answer against that input's payload
 (named violations, weighted into a quality score), and may compare an answer with the teacher's,
 give reference answers, feed the tiny models' tokenizer corpus, bootstrap Self-Instruct requests and
-give each input an output grammar (what a valid answer may look like) for constrained decoding.
+give each input an output grammar (what a valid answer may look like) for constrained decoding. It says
+what near-duplicate filtering compares for it by default (`dedup`), and what shape its answers have
+(`shape`: one of fixed labels, or a JSON record) with each input's gold answer (`gold`), from which eval
+scores classification and extraction as such (accuracy, per-class and per-field F1, confusion matrix).
 Stages, teachers, the CLI and the report reach a task only through `load_task(cfg)`; nothing outside
 a pack knows its domain.
 """
@@ -14,11 +17,14 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from distill.errors import DistillError
 
 SPLITS = ("train", "validation", "test")
+# What generate's near-duplicate filter compares: the teacher's answers, the inputs (prompts), both together
+# (an example repeated: its input and its answer each near-duplicates of one accepted example's), or nothing.
+Dedup = Literal["answer", "input", "both", "none"]
 
 
 class TaskError(DistillError):
@@ -51,6 +57,23 @@ class Grammar:
 
 
 @dataclass(frozen=True)
+class Labels:
+    """Every answer is exactly one of these labels (classification): eval reports accuracy against the gold
+    label, per-class precision, recall and F1, macro-F1 and a confusion matrix; generate, each split's balance."""
+
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Records:
+    """Every answer is a JSON object with these top-level fields (extraction): eval reports exact record match,
+    and per field the accuracy and the F1 of its presence with the gold value (an absent or null field counts
+    as no value, so a field the answer adds or drops where the gold has none or one shows in precision or recall)."""
+
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SelfInstruct:
     """How a pack bootstraps free-form requests: the ask (with `{examples}`), and where a request goes."""
 
@@ -66,6 +89,10 @@ class Task(Protocol):
     agreement_titles: Mapping[str, str]  # agreement metric -> column title (empty: none)
     reference_source: str | None  # who writes reference answers, in words; None: the pack has none
     grammar_leaves: Mapping[str, str]  # check -> why its grammar cannot enforce it (left to the checks)
+    # generate.dedup's default: "answer" where answers to different inputs should differ (a generative task),
+    # "both" where different inputs may share their correct answer (a label, a record)
+    dedup: Dedup
+    shape: Labels | Records | None  # the answers' shape, where eval can score them as such against gold
 
     def size(self, split: str) -> int | None:
         """How many inputs the split has; None when the pack makes as many as asked."""
@@ -91,6 +118,10 @@ class Task(Protocol):
         """The output grammar for this input; None when the pack has none (then for every input)."""
         ...
 
+    def gold(self, payload: dict[str, Any]) -> str | None:
+        """This input's gold answer, where the pack has one (what `shape`'s metrics are measured against)."""
+        ...
+
 
 class TaskBase:
     """Defaults for a pack's optional parts; a pack (or your own python task) overrides what it has."""
@@ -99,6 +130,8 @@ class TaskBase:
     agreement_titles: Mapping[str, str] = {}
     reference_source: str | None = None
     grammar_leaves: Mapping[str, str] = {}
+    dedup: Dedup = "answer"
+    shape: Labels | Records | None = None
 
     def size(self, split: str) -> int | None:
         return None
@@ -119,6 +152,9 @@ class TaskBase:
         return None
 
     def grammar(self, payload: dict[str, Any]) -> Grammar | None:
+        return None
+
+    def gold(self, payload: dict[str, Any]) -> str | None:
         return None
 
 

@@ -4,7 +4,9 @@ Each line of `task.files` is one input. The prompt is a template filled from the
 the split comes from a column or from a hash of a group column, so a group never spans two splits;
 answers are checked by a JSON Schema (one violation per schema error, named by its keyword, with its
 JSON path), a regular expression or a list of allowed answers. A gold-answer column gives reference
-answers: the `reference` teacher, and exact / per-field agreement with the gold answer in eval.
+answers: the `reference` teacher, and in eval the scores of the answers' shape against it (a list of
+allowed answers: classification; a schema for a JSON object: extraction, field by field). Different rows may
+share a gold answer, so near-duplicate filtering compares whole examples by default, never answers alone.
 The same schema, expression or list is the answers' grammar: llama.cpp's schema converter, with each
 regex read by Python's own parser (regex_gbnf.py), writes the GBNF.
 """
@@ -19,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from distill.tasks import SPLITS, Example, Grammar, TaskBase, TaskError, Violation
+from distill.tasks import SPLITS, Example, Grammar, Labels, Records, TaskBase, TaskError, Violation
 
 # What a failure of each JSON Schema keyword costs: a missing or mistyped field breaks a consumer,
 # a value outside its enum or pattern is wrong data in the right shape.
@@ -116,6 +118,9 @@ def _answer_text(value: Any) -> str:
 
 
 class JsonlTask(TaskBase):
+    # each row is the user's own input: two rows may share their right answer (a label, a record)
+    dedup = "both"
+
     def __init__(self, cfg: Any, seed: int):
         self.cfg = cfg
         self.name, self.unit = cfg.name, cfg.unit
@@ -139,15 +144,21 @@ class JsonlTask(TaskBase):
             if cfg.reference_field
             else None
         )
-        if cfg.reference_field:  # agreement is with the gold answer, whoever wrote the training data
-            self.agreement_titles = {"exact_match": "= gold"}
-            if self.validator is not None:
-                self.agreement_titles["field_accuracy"] = "fields = gold"
+        self.shape = self._shape()
         self.splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
         for path in cfg.files:
             for number, row in _read_rows(Path(path)):
                 split, example = self._example(Path(path), number, row)
                 self.splits[split].append(example)
+
+    def _shape(self) -> Labels | Records | None:
+        """Labels for a list of allowed answers; a record for a schema whose answers are objects."""
+        if self.cfg.choices is not None:
+            return Labels(tuple(self.cfg.choices))
+        schema = self.validator.schema if self.validator is not None else {}
+        if isinstance(schema, dict) and (schema.get("type") == "object" or "properties" in schema):
+            return Records(tuple(schema.get("properties", {})))
+        return None
 
     def _load_schema(self, path: Path) -> Any:
         from jsonschema import SchemaError
@@ -323,19 +334,10 @@ class JsonlTask(TaskBase):
             found.append(Violation("not_a_choice", f"{text[:60]!r} is not one of task.choices"))
         return found
 
-    def agreement(self, answer: str, reference: str, payload: dict[str, Any]) -> dict[str, float]:
-        if not self.agreement_titles:
-            return {}
-        reference = _answer_text(payload[self.cfg.reference_field])
-        if self.validator is None:
-            return {"exact_match": float(answer.strip() == reference.strip())}
-        try:
-            ours = json.loads(answer)
-        except json.JSONDecodeError:
-            ours = None
-        gold = json.loads(reference)
-        if isinstance(gold, dict) and gold:
-            same = sum(isinstance(ours, dict) and k in ours and ours[k] == v for k, v in gold.items()) / len(gold)
-        else:
-            same = float(ours == gold)
-        return {"exact_match": float(ours == gold), "field_accuracy": same}
+    def gold(self, payload: dict[str, Any]) -> str | None:
+        field = self.cfg.reference_field
+        return _answer_text(payload[field]) if field and field in payload else None
+
+    def corpus(self, n: int, seed: int) -> list[str]:
+        # the allowed answers too: without gold answers in the corpus, a label could be left to byte pieces
+        return super().corpus(n, seed) + list(self.cfg.choices or ())

@@ -25,6 +25,9 @@ REQUIRED = (
     "agreement",
     "corpus",
     "self_instruct",
+    "dedup",
+    "shape",
+    "gold",
 )
 
 

@@ -45,6 +45,8 @@ class CrewTask:
     }
     reference_source = "the crew pack's rule-based planner"
     grammar_leaves = LEAVES
+    dedup = "answer"  # programs for different crew members should differ; near-identical ones are a teacher rut
+    shape = None  # a program is scored by its checks and its agreement with the teacher, not against a gold label
 
     def __init__(self, cfg: Any, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -83,6 +85,9 @@ class CrewTask:
         starts = [len(logged)] if logged is not None else range(len(split_for(profile.level, profile.frequency)))
         sequences = [next_focuses(profile, start) for start in starts]
         return program_grammar(profile, logged, self.catalog, sequences, self.cfg.language)
+
+    def gold(self, payload: dict[str, Any]) -> None:
+        return None
 
     def _read(self, payload: dict[str, Any]) -> tuple[Profile, list[LoggedWorkout] | None]:
         if not isinstance(payload, dict) or "profile" not in payload:

@@ -223,11 +223,12 @@ def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
         if problems := size_problems(cfg, task, counts):
             raise ConfigError(problems)
         console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+        asked = requested(cfg)
         known = "; ".join(
             f"{split} {usable:,} usable"
             + (f" of {inputs:,}" if usable < inputs else "")
-            + f", asks {'all' if asked is None else asked}"
-            for (split, (inputs, usable)), asked in zip(counts.items(), requested(cfg).values())
+            + f", asks {'all' if asked[split] is None else asked[split]}"
+            for split, (inputs, usable) in counts.items()
             if usable is not None
         )
         err_console.print(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLI, REPO, invoke_cli, run_cli, write_config
+from huggingface_hub import ModelCard
 
 # `distill run` builds its models from `models.tiny` (the pipeline's own path to them, under test here)
 TINY = {"seed": 3, "corpus_size": 40, "vocab_size": 1024}
@@ -50,6 +51,7 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     assert (run / "merge" / "manifest.json").is_file() and not (run / "export").exists()
     partial = (run / "REPORT.md").read_text()
     assert "Not run yet: `distill export" in partial and "## Training" in partial
+    assert not (run / "merge" / "model" / "README.md").exists()  # no card before export
 
     # Ctrl-C inside the evaluation of the base student, after its first program is written.
     records = run / "eval" / "base" / "generations.jsonl"
@@ -68,6 +70,10 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
         assert re.search(rf"{stage}: complete, skipping", stderr), stderr
     assert (run / "serve" / "manifest.json").is_file() and not (run / "eval" / "base" / "manifest.json").exists()
     kept = records.read_text().splitlines()[0]
+    # export wrote the cards, serve and the teacher's evaluation rewrote them: no GGUF score to claim yet
+    card = ModelCard.load(run / "export" / "README.md")
+    assert card.data.eval_results is None and "| reference answers (held-out) |" in card.text
+    assert "Measured by `distill serve`" in card.text and "| GGUF in llama.cpp |" not in card.text
 
     final = invoke_cli("run", str(config))
     assert final.returncode == 0, final.stderr
@@ -95,6 +101,25 @@ def test_run_skips_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     assert (run / "train" / "loss.png").is_file() and (run / "eval" / "comparison.png").is_file()
     manifests = {p.parent.name: json.loads(p.read_text()) for p in (run / "eval").glob("*/manifest.json")}
     assert set(manifests) == {"teacher", "base", "merged", "gguf"}
+    for folder, row, library in ((run / "export", "gguf", "gguf"), (run / "merge" / "model", "merged", "transformers")):
+        card = ModelCard.load(folder / "README.md")  # huggingface_hub's parser, which checks the model-index
+        assert card.data.library_name == library and "distillation" in card.data.tags
+        assert card.data.base_model is None  # a student built here has no Hub id to name
+        free = manifests[row]["metrics"]
+        scores = {
+            (r.metric_type, r.metric_name.endswith("free decoding")): r.metric_value for r in card.data.eval_results
+        }
+        assert scores[("validity", True)] == round(free["validity"], 4)
+        assert scores[("validity", False)] == round(free["constrained"]["validity"], 4)
+        for section in ("## Training", "## The task and its checks", "## Held-out results", "## How to run it"):
+            assert section in card.text
+        assert "8 training, 2 validation and 3 held-out test examples" in card.text
+    gguf_card = (run / "export" / "README.md").read_text()
+    assert (
+        "PORT=8080 sh ../serve/llama-server.sh" in gguf_card
+        and "ollama create student -f ../serve/Modelfile" in gguf_card
+    )
+    assert 'extra_body={"grammar": open("grammar.gbnf").read()}' in gguf_card
 
 
 def test_run_stage_selection_errors(tmp_path: Path) -> None:

@@ -272,6 +272,54 @@ def _start_deploy(config: Path, port: int) -> subprocess.Popen:
     return proc
 
 
+def test_front_decides_from_the_request_line_and_headers() -> None:
+    from distill.serving.deploy import MAX_BODY_BYTES, body_problem, refusal
+
+    chat = "/v1/chat/completions"
+    assert refusal("POST", chat + "?stream=1", {"Content-Length": str(MAX_BODY_BYTES)}) is None
+    assert refusal("GET", "/v1/models", {}) is None and refusal("GET", "/health", {}) is None
+    assert refusal("POST", chat, {"Transfer-Encoding": "chunked"}) == (
+        411,
+        "send the body with a Content-Length, not chunked",
+    )
+    assert refusal("POST", chat, {"Content-Length": "-5"}) == (400, "Content-Length '-5' is not a number of bytes")
+    assert refusal("POST", chat, {"Content-Length": str(MAX_BODY_BYTES + 1)})[0] == 413
+    assert refusal("GET", "/slots", {})[0] == 404 and refusal("PUT", chat, {})[0] == 405
+    assert (
+        body_problem(b'{"messages": []}') is None
+        and body_problem(b"") == "the body is not JSON (Expecting value: line 1 column 1 (char 0))"
+    )
+
+
+def _front_refuses_what_a_server_would_fail_on(port: int, messages: list[dict[str, str]], logs: Path) -> None:
+    """4xx and a one-line reason from deploy's front; llama-server answers a body that is not JSON with a 500."""
+    import httpx
+
+    from distill.serving.deploy import MAX_BODY_BYTES
+
+    base = f"http://127.0.0.1:{port}"
+    cases = [
+        (httpx.post(f"{base}/v1/chat/completions", content=b"{not json"), 400, "the body is not JSON"),
+        (httpx.post(f"{base}/v1/chat/completions", json=[{"messages": messages}]), 400, "must be a JSON object"),
+        (httpx.post(f"{base}/v1/chat/completions", content=b"\xff\xfe"), 400, "the body is not JSON"),
+        (httpx.get(f"{base}/v1/nowhere"), 404, "no route /v1/nowhere; this server answers /health"),
+        (httpx.get(f"{base}/v1/chat/completions"), 405, "/v1/chat/completions takes POST, not GET"),
+        (httpx.delete(f"{base}/v1/models"), 405, "/v1/models takes GET, not DELETE"),
+    ]
+    for response, status, reason in cases:
+        message = response.json()["error"]["message"]
+        assert response.status_code == status and reason in message and "\n" not in message, (status, message)
+    # too large: refused from its Content-Length, before a byte of the body is read
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n"
+        sock.sendall(head.encode())
+        status_line = sock.makefile("rb").readline().decode()
+    assert status_line.split()[1] == "413", status_line
+    assert httpx.get(f"{base}/health").status_code == 200
+    # none of it reached a server: llama-server logs each request it refuses as an exception
+    assert not [line for log in logs.glob("*.log") for line in log.read_text().splitlines() if "got exception" in line]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fleet", ["processes", "slots"])
 def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(served, fleet, tmp_path) -> None:
@@ -306,6 +354,7 @@ def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(
         answer = client.chat.completions.create(model="student", messages=messages, max_tokens=24, temperature=0)
         text = answer.choices[0].message.content
         assert text and answer.usage.completion_tokens == 24 and answer.choices[0].finish_reason == "length"
+        _front_refuses_what_a_server_would_fail_on(port, messages, cfg.run_path / "deploy" / "logs")
         if measured["slots_each"] == 1:
             # one sequence per server: the same arithmetic as llama.cpp in process, so the same greedy answer
             # (with several slots the batch shapes differ, and this fixture's near-tied logits may flip)

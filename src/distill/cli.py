@@ -45,6 +45,11 @@ def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command body; user errors become one line each and a non-zero exit, never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_log_handler()], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
+    # transformers imports torchao (the int8 export) whenever a model loads, and each import warns that torchao's
+    # CUDA kernels cannot load on torch's CPU build and that torch deprecates a registration torchao makes for
+    # torch.compile: nothing a CPU run can act on. Errors still show.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn()

@@ -386,7 +386,7 @@ class ExportConfig(Strict):
 
     format: Literal["q8_0", "f16", "f32"] = Field("q8_0", description="GGUF tensor format for matrices.")
     torch_int8: bool = Field(
-        False, description="Also write a PyTorch dynamic int8 copy (fbgemm, Linear layers) for CPU inference."
+        False, description="Also write a dynamic int8 copy (torchao, Linear layers) for CPU inference."
     )
     check_prompts: int = Field(4, ge=1, description="Validation prompts for the agreement check.")
     min_top1_agreement: float = Field(
@@ -463,6 +463,21 @@ class EvalConfig(Strict):
     )
 
 
+class CardConfig(Strict):
+    """The model card written beside the exported student (README.md); no stage's output depends on it."""
+
+    license: str = Field(
+        "other",
+        description="Licence id in the card's metadata: the student's base model's (gemma for Gemma 3, apache-2.0 "
+        "for Qwen3); other when unknown.",
+    )
+    base_model: str | None = Field(
+        None,
+        description="Hub id of the student's starting checkpoint for the card's base_model; default: models.student "
+        "when that is a Hub id (owner/name) rather than a local folder.",
+    )
+
+
 class PipelineConfig(Strict):
     """A whole run: names, models, the task, and one section per stage."""
 
@@ -478,6 +493,7 @@ class PipelineConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Stage 4.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Stage 5.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    card: CardConfig = Field(default_factory=CardConfig, description="The model card beside the exported student.")
 
     _source: Path | None = PrivateAttr(None)
 

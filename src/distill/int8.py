@@ -1,5 +1,7 @@
-"""The torch dynamic-int8 file format of the compact variant, beside the GGUF writer: one safetensors file of
-int8 weights with their scales and zero points, plus the float tensors, and the HF config to rebuild the model."""
+"""The torch dynamic-int8 file format of the compact variant, beside the GGUF writer: torchao's dynamic int8
+(int8 weights with one scale per output row, activations quantized per token on the fly) stored as one
+safetensors file of the int8 weights and their scales plus the float tensors, and the HF config to rebuild
+the model."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ INT8_FILE = "model.safetensors"
 
 
 def _to_linear(model: Any) -> Any:
-    """GPT-2's Conv1D is a Linear with a transposed weight; dynamic quantization only knows nn.Linear."""
+    """GPT-2's Conv1D is a Linear with a transposed weight; torchao quantizes nn.Linear only."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -28,40 +30,38 @@ def _to_linear(model: Any) -> Any:
 
 
 def _quantize(model: Any) -> Any:
-    import torch
-    from torch.ao.quantization import quantize_dynamic
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    if "fbgemm" in torch.backends.quantized.supported_engines:  # x86; ARM machines keep their default
-        torch.backends.quantized.engine = "fbgemm"
-    return quantize_dynamic(_to_linear(model), {torch.nn.Linear}, dtype=torch.qint8)
+    # no torch.compile here: torchao would otherwise retune inductor's global settings for it
+    quantize_(_to_linear(model), Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    return model
+
+
+def int8_linears(model: Any) -> dict[str, Any]:
+    """The Linear layers whose weight torchao quantized, by module name."""
+    from torchao.quantization import Int8Tensor
+
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), Int8Tensor)}
 
 
 def _int8_tensors(model: Any) -> dict[str, Any]:
-    """Plain tensors of a dynamically quantized model, for safetensors: each quantized Linear as its int8
-    weights, per-tensor scale and zero point (and float bias); every other parameter and buffer as is.
-    Pickling quantized tensors instead depends on import order (torch.per_tensor_affine has no module)."""
-    import torch
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
+    """Plain tensors of the quantized model, for safetensors: each quantized Linear as its int8 weights and
+    per-row scales (its float bias among the parameters); every other parameter and buffer as is."""
+    quantized = int8_linears(model)
     tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DynamicLinear):
-            weight, bias = module._weight_bias()
-            tensors[f"{name}.qweight"] = weight.int_repr().contiguous()
-            tensors[f"{name}.qscale"] = torch.tensor(weight.q_scale(), dtype=torch.float64)
-            tensors[f"{name}.qzero_point"] = torch.tensor(weight.q_zero_point())
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.detach().contiguous()
-    tensors |= {name: t.detach().contiguous() for name, t in (*model.named_parameters(), *model.named_buffers())}
-    return tensors
+    for name, module in quantized.items():
+        tensors[f"{name}.qweight"] = module.weight.qdata.contiguous()
+        tensors[f"{name}.qscale"] = module.weight.scale.contiguous()
+    skip = {f"{name}.weight" for name in quantized}
+    named = (*model.named_parameters(), *model.named_buffers())
+    return tensors | {name: t.detach().contiguous() for name, t in named if name not in skip}
 
 
 def load_int8(folder: Path) -> Any:
     """The int8 model written by `write_int8`: the architecture rebuilt from config.json, quantized the
-    same way, then the stored int8 weights and float tensors put in place."""
+    same way, then the stored int8 weights, scales and float tensors put in place."""
     import torch
     from safetensors.torch import load_file
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(folder)
@@ -69,29 +69,27 @@ def load_int8(folder: Path) -> Any:
     # from_config derives one from config.json alone: the stop tokens of the chat turn would be lost
     model.generation_config = GenerationConfig.from_pretrained(folder)
     tensors = load_file(folder / INT8_FILE)
-    for name, module in model.named_modules():
-        if isinstance(module, DynamicLinear):
-            weight = torch._make_per_tensor_quantized_tensor(
-                tensors.pop(f"{name}.qweight"),
-                float(tensors.pop(f"{name}.qscale")),
-                int(tensors.pop(f"{name}.qzero_point")),
-            )
-            module.set_weight_bias(weight, tensors.pop(f"{name}.bias", None))
-    floats = dict(model.named_parameters()) | dict(model.named_buffers())
-    if set(tensors) != set(floats):
+    quantized = int8_linears(model)
+    expected = {f"{n}.{part}" for n in quantized for part in ("qweight", "qscale")}
+    skip = {f"{name}.weight" for name in quantized}
+    floats = {n: t for n, t in (*model.named_parameters(), *model.named_buffers()) if n not in skip}
+    if set(tensors) != expected | set(floats):
         raise DistillError(
             f"{folder / INT8_FILE}: does not match config.json (differing tensors: "
-            f"{sorted(set(tensors) ^ set(floats))[:3]}); re-run `distill export ... --overwrite`"
+            f"{sorted(set(tensors) ^ (expected | set(floats)))[:3]}); re-run `distill export ... --overwrite`"
         )
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            floats[name].copy_(tensor)
+        for name, module in quantized.items():
+            module.weight.qdata.copy_(tensors[f"{name}.qweight"])
+            module.weight.scale.copy_(tensors[f"{name}.qscale"])
+        for name, tensor in floats.items():
+            tensor.copy_(tensors[name])
     return model.eval()
 
 
 def write_int8(model_dir: Path, target: Path) -> None:
-    """PyTorch dynamic int8 of the (merged or pruned) model: int8 Linear weights, activations quantized
-    on the fly; embeddings and norms stay float32."""
+    """Dynamic int8 of the (merged or pruned) model through torchao: int8 Linear weights, activations
+    quantized on the fly; embeddings and norms stay float32."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

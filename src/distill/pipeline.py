@@ -28,6 +28,7 @@ def select_stages(start: str | None, until: str | None) -> tuple[str, ...]:
 
 def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> Path:
     """Each selected stage in order; a complete one is skipped, a partial one resumes. Returns REPORT.md."""
+    from distill.card import write_cards
     from distill.report import write_report
     from distill.stages.eval import check_eval_models
 
@@ -45,4 +46,5 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
             continue
         log.info("── %s (%s)", name, stage_status(cfg, name))
         stage.run(cfg)
+    write_cards(cfg)  # the last word on what the run's stages hold, also where every stage was complete already
     return write_report(cfg)

@@ -23,7 +23,7 @@ from distill.tasks import Task, load_task
 MIB = 2**20
 
 
-def _metrics(cfg: PipelineConfig, stage: str) -> Any:
+def stage_metrics(cfg: PipelineConfig, stage: str) -> Any:
     """A stage's typed metrics when it is complete for this config (a stale result would misreport this run)."""
     if stage_status(cfg, stage) != "complete":
         return None
@@ -120,7 +120,7 @@ def _train(cfg: PipelineConfig, m: TrainMetrics) -> list[str]:
         )
         + ".",
         "",
-        _objective(m),
+        objective_words(m),
         "",
     ]
     if (stage_dir(cfg, "train") / "loss.png").is_file():
@@ -128,7 +128,7 @@ def _train(cfg: PipelineConfig, m: TrainMetrics) -> list[str]:
     return lines
 
 
-def _objective(m: TrainMetrics) -> str:
+def objective_words(m: TrainMetrics) -> str:
     kd = m.kd
     if m.objective != "kd" or not kd:
         return "Objective: cross-entropy on the teacher's text (SFT)."
@@ -271,7 +271,7 @@ def _eval(cfg: PipelineConfig, task: Task) -> list[str]:
 
 def render_report(cfg: PipelineConfig) -> str:
     task = load_task(cfg)
-    found = {s: _metrics(cfg, s) for s in ("generate", "train", "merge", "prune", "export", "serve")}
+    found = {s: stage_metrics(cfg, s) for s in ("generate", "train", "merge", "prune", "export", "serve")}
     gen, train, merge, export, serve = (found[s] for s in ("generate", "train", "merge", "export", "serve"))
     prune = found["prune"] if cfg.prune.enabled else None
     walls = {s: _wall(cfg, s) for s, m in found.items() if m is not None}

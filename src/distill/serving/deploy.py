@@ -1,6 +1,7 @@
 """`distill deploy`: serve the student the way `distill serve` measured best, on 127.0.0.1, until Ctrl-C
-or SIGTERM. One llama-server with N slots is served as it is; several processes get a small front that
-sends each request to the least busy one. A server process that dies is started again, and said so."""
+or SIGTERM. A small front stands before the server(s): it answers a request the servers would fail on (an
+unknown route, a body that is not a JSON object, one too large) with a 4xx and its reason, and sends the
+rest to the least busy server. A server process that dies is started again, and said so."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from distill.artifacts import require_input, stage_dir
 from distill.config import PipelineConfig
@@ -19,6 +21,42 @@ from distill.serving.fleet import SERVED_NAME, Server, claim_ports, fleet_label,
 
 log = logging.getLogger(__name__)
 HEALTH_EVERY_S = 1.0
+# What the front passes on, by route: the OpenAI-compatible API, health and metrics
+ROUTES = {
+    "/health": "GET",
+    "/metrics": "GET",
+    "/v1/models": "GET",
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+}
+# A prompt with its catalog and a grammar is tens to hundreds of KB; this leaves room for long contexts
+MAX_BODY_BYTES = 16 * 2**20
+
+
+def refusal(method: str, path: str, headers: Any) -> tuple[int, str] | None:
+    """(status, one-line reason) for a request the front answers itself before any body is read; None to read on."""
+    route = urlsplit(path).path
+    if route not in ROUTES:
+        return 404, f"no route {route}; this server answers {', '.join(ROUTES)}"
+    if method != ROUTES[route]:
+        return 405, f"{route} takes {ROUTES[route]}, not {method}"
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        return 411, "send the body with a Content-Length, not chunked"
+    length = headers.get("Content-Length") or "0"
+    if not length.isdigit():
+        return 400, f"Content-Length {length!r} is not a number of bytes"
+    if int(length) > MAX_BODY_BYTES:
+        return 413, f"body of {int(length):,} bytes; at most {MAX_BODY_BYTES:,}"
+    return None
+
+
+def body_problem(body: bytes) -> str | None:
+    """Why a POST body cannot be a request: llama-server answers a body that is not JSON with a 500."""
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"the body is not JSON ({str(exc).splitlines()[0]})"
+    return None if isinstance(value, dict) else "the body must be a JSON object"
 
 
 class Front:
@@ -34,8 +72,24 @@ class Front:
         front = self
 
         class Handler(BaseHTTPRequestHandler):
+            def refuse(self, status: int, reason: str) -> None:
+                payload = json.dumps({"error": {"code": status, "message": reason, "type": "invalid_request_error"}})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                if status == 405:
+                    self.send_header("Allow", ROUTES[urlsplit(self.path).path])
+                self.send_header("Connection", "close")  # an unread body must not be taken for the next request
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload.encode())
+
             def forward(self) -> None:
+                if refused := refusal(self.command, self.path, self.headers):
+                    return self.refuse(*refused)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and (problem := body_problem(body)):
+                    return self.refuse(400, problem)
                 index = front.pick()
                 started = False
                 try:
@@ -62,7 +116,7 @@ class Front:
                 finally:
                     front.release(index)
 
-            do_GET = do_POST = forward
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = forward
 
             def log_message(self, *args: Any) -> None:  # the servers keep their own logs
                 pass
@@ -99,11 +153,12 @@ def deploy(cfg: PipelineConfig, port: int, announce: Callable[[str], None]) -> N
     log_dir.mkdir(parents=True, exist_ok=True)
     count = best["servers"]
     front_port = claim_ports(port, 1, "--port")[0]
-    ports = [front_port] if count == 1 else claim_ports(None, count, "")
-    servers = make_servers(cfg, model, ports, best["slots_each"], best["threads_each"], log_dir, "deploy")
+    servers = make_servers(
+        cfg, model, claim_ports(None, count, ""), best["slots_each"], best["threads_each"], log_dir, "deploy"
+    )
     what = fleet_label(best["fleet"], count, best["slots_each"])
     with running(servers, cfg.serve.ready_timeout_s):
-        front = Front(front_port, servers) if count > 1 else None
+        front = Front(front_port, servers)
         try:
             announce(f"base URL: http://127.0.0.1:{front_port}/v1")
             announce(f"model: {SERVED_NAME}")
@@ -114,6 +169,5 @@ def deploy(cfg: PipelineConfig, port: int, announce: Callable[[str], None]) -> N
         except KeyboardInterrupt:
             log.info("deploy: stopping")
         finally:
-            if front is not None:
-                front.close()
+            front.close()
     announce("deploy: stopped; every server process has ended")

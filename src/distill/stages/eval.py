@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import atomic_write_text, open_stage, read_manifest, require_inputs, stage_dir
+from distill.card import write_cards
 from distill.comparison import render_summary, write_comparison
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, task_grammar
@@ -159,6 +160,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     record = open_stage(cfg, stage, overwrite)
     if record is None:
         write_comparison(cfg, task)
+        write_cards(cfg)
         return stage_dir(cfg, stage)
     folder = record.folder
     record.files = {"generations": RECORDS}
@@ -188,6 +190,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
     )
     out = record.finish()
     write_comparison(cfg, task)
+    write_cards(cfg)
     return out
 
 

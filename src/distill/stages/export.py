@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import atomic_dir, atomic_file, open_stage, stage_dir
+from distill.card import write_cards
 from distill.config import PipelineConfig
 from distill.data import check_prompts
 from distill.errors import DistillError
-from distill.int8 import INT8_DIR, INT8_FILE, load_int8, write_int8
+from distill.int8 import INT8_DIR, INT8_FILE, int8_linears, load_int8, write_int8
 from distill.models import weights_bytes
 from distill.runtimes import cpu_threads, llama_cpp
 from distill.stages import STAGES
@@ -62,7 +63,6 @@ def verify(model_dir: Path, gguf_path: Path, prompts: list[list[int]], tokenizer
 def verify_int8(model_dir: Path, int8_dir: Path, prompts: list[list[int]]) -> dict[str, Any]:
     """Next-token agreement of the reloaded int8 model with the float model it came from."""
     import torch
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -74,12 +74,11 @@ def verify_int8(model_dir: Path, int8_dir: Path, prompts: list[list[int]]) -> di
             theirs = reference(torch.tensor([ids])).logits[0, -1].float()
             top1 += int(ours.argmax() == theirs.argmax())
             worst = max(worst, float((ours - theirs).abs().max()))
-    quantized = sum(isinstance(m, DynamicLinear) for m in int8.modules())
     return {
         "prompts": len(prompts),
         "top1_agreement": top1 / len(prompts),
         "max_abs_logit_diff": worst,
-        "quantized_linears": quantized,
+        "quantized_linears": len(int8_linears(int8)),
     }
 
 
@@ -168,4 +167,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         100 * checks["top1_agreement"],
         checks["max_abs_logit_diff"],
     )
-    return record.finish()
+    out = record.finish()
+    for card in write_cards(cfg):
+        log.info("export: model card %s", card)
+    return out

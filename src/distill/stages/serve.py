@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import atomic_write_json, atomic_write_text, is_complete, open_stage, require_inputs, stage_dir
+from distill.card import write_cards
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, request_fields, task_grammar
 from distill.data import held_out_requests
@@ -206,7 +207,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     atomic_write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", render_report(report))
     record.metrics = serve_metrics(report, free is not None)
-    return record.finish()
+    out = record.finish()
+    write_cards(cfg)
+    return out
 
 
 def measure_both(

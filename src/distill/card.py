@@ -309,9 +309,7 @@ def _has_grammar(task: Task) -> bool:
 
 
 def _limits(cfg: PipelineConfig, task: Task, summary: dict[str, Any] | None, grammar: bool) -> list[str]:
-    lines = [
-        f"- Trained for the `{task.name}` task alone, on {task.unit}s of its held-out shape; outside it, untested."
-    ]
+    lines = [f"- Trained and tested on the `{task.name}` task's inputs alone; on other inputs it is untested."]
     leaves = getattr(task, "grammar_leaves", {})
     if grammar:
         left = "; ".join(f"`{check}` ({why})" for check, why in leaves.items())

@@ -189,9 +189,11 @@ def render_card(cfg: PipelineConfig, task: Task, folder: Path, library: str, row
         ]
     else:
         lines.append(f"Not evaluated yet: `distill eval {cfg.command_args} --model {row}` (or `distill run`).")
-    lines += ["", "## Serving", "", *_serving_lines(cfg, task, serve)]
+    # read once, and only where serve is complete for this config: a stale report is another run's
+    report = json.loads((stage_dir(cfg, "serve") / "report.json").read_text(encoding="utf-8")) if serve else None
+    lines += ["", "## Serving", "", *_serving_lines(cfg, task, serve, report)]
     lines += ["", "## How to run it", "", *_how_to_run(cfg, task, folder, library, grammar)]
-    lines += ["", "## Limits", "", *_limits(cfg, task, results.get(row), grammar)]
+    lines += ["", "## Limits", "", *_limits(cfg, task, results.get(row), grammar, report)]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"))
 
 
@@ -212,11 +214,12 @@ def _task_lines(task: Task) -> list[str]:
     return lines
 
 
-def _serving_lines(cfg: PipelineConfig, task: Task, serve: ServeMetrics | None) -> list[str]:
+def _serving_lines(
+    cfg: PipelineConfig, task: Task, serve: ServeMetrics | None, report: dict[str, Any] | None
+) -> list[str]:
     if serve is None:
         return [f"Not measured yet: `distill serve {cfg.command_args}` (or `distill run`)."]
     fleet = "one llama-server with its slots" if serve.best_fleet == "slots" else "the paper's separate processes"
-    report = json.loads((stage_dir(cfg, "serve") / "report.json").read_text(encoding="utf-8"))
     device = "the CPU" if report.get("device") == "cpu" else report.get("device") or "this machine"
     verdict = (
         f"{serve.capacity} concurrent users with p95 end-to-end latency within {serve.slo_ms:g} ms"
@@ -308,7 +311,9 @@ def _has_grammar(task: Task) -> bool:
     return example is not None and task.grammar(example.payload) is not None
 
 
-def _limits(cfg: PipelineConfig, task: Task, summary: dict[str, Any] | None, grammar: bool) -> list[str]:
+def _limits(
+    cfg: PipelineConfig, task: Task, summary: dict[str, Any] | None, grammar: bool, report: dict[str, Any] | None
+) -> list[str]:
     lines = [f"- Trained and tested on the `{task.name}` task's inputs alone; on other inputs it is untested."]
     leaves = getattr(task, "grammar_leaves", {})
     if grammar:
@@ -326,8 +331,7 @@ def _limits(cfg: PipelineConfig, task: Task, summary: dict[str, Any] | None, gra
             f"- Held out, {summary['validity']:.0%} of its {task.unit}s were valid decoded free and "
             f"{summary['constrained']['validity']:.0%} under the grammar: send the grammar."
         )
-    report = stage_dir(cfg, "serve") / "report.json"
-    fp16 = json.loads(report.read_text(encoding="utf-8")).get("fp16") if report.is_file() else None
+    fp16 = (report or {}).get("fp16")
     if fp16:
         lines.append(f"- fp16: {fp16['note']}.")
     if cfg.generate.backend == "reference":

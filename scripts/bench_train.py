@@ -1,6 +1,7 @@
 """Training cost: the plain HF recipe and TRL against `distill train`, same data, same model, same optimizer.
 
   .venv/bin/python scripts/bench_train.py [--layers 2] [--examples 8] [--batch-size 2] [--grad-accum 2] [--no-kd]
+      [--on-policy] [--variants NAME ...]
 
 The model is Gemma 3 (configs/arch/gemma-3-270m-it.json: real 262,144-token vocabulary, real width)
 with fewer layers and random weights, on CPU in fp32. The data are crew task examples (reference
@@ -34,6 +35,19 @@ With --kd (the default) a second random Gemma 3 of the same shape (seed 1, same 
       before any timing, as `distill generate` with generate.logprobs=20 keeps them.
 
 The mean losses of (d) and (e) are not comparable: trl-kd logs the JSD alone, ours-kd the mix.
+
+With --on-policy, both distil on the student's own answers, every micro-batch (lmbda 1, so both do the same
+work), sampled free at temperature 1 up to --max-new-tokens, generalised JSD with beta 0.5:
+
+  (f) trl-gkd:  TRL's GKDTrainer with lmbda=1: the student generates, then student and teacher (in memory)
+      make full-vocabulary logits at every position of the new sequence;
+  (g) ours-op:  `distill train` with train.objective=on_policy, lmbda 1, the teacher in the training process:
+      it scores the answer's positions only (top-20), aligned to the student's tokens, and the loss runs on
+      the chunked top-k + tail buckets as ours-kd's does.
+
+Random weights never write the end of turn, so every answer runs to --max-new-tokens in both. Their tokens/s
+count different inputs (GKD the stored example it was handed, ours the sequence it trained on): compare
+samples/s.
 
 Each variant runs in its own process; the parent reads that process's peak RSS from wait4(), so
 weights, Python and the allocator's high-water mark are all counted. Each child's address space is capped
@@ -102,10 +116,17 @@ def build_models(work: Path, layers: int, teacher: bool) -> tuple[Path, Path]:
 
 
 def write_run(
-    work: Path, name: str, teacher: Path, student: Path, args: argparse.Namespace, top_k: int = 0
+    work: Path,
+    name: str,
+    teacher: Path,
+    student: Path,
+    args: argparse.Namespace,
+    top_k: int = 0,
+    on_policy: bool = False,
 ) -> tuple[Path, float]:
     """A config for `distill train` plus a finished generate stage holding the examples. With `top_k`, a KD
-    config whose examples also carry the teacher's top-k; the seconds the teacher took come back with it."""
+    config whose examples also carry the teacher's top-k; the seconds the teacher took come back with it. With
+    `on_policy`, an on-policy config (lmbda 1) on the examples' prompts."""
     from datasets import Dataset, DatasetDict
 
     from distill.artifacts import StageRecord, prepare_output, stage_dir
@@ -114,6 +135,11 @@ def write_run(
 
     path = work / f"{name}.yaml"
     kd_train = f"  objective: kd\n  kd: {{{', '.join(f'{k}: {v}' for k, v in KD.items())}}}\n" if top_k else ""
+    if on_policy:
+        kd_train = (
+            "  objective: on_policy\n  on_policy: {lmbda: 1.0, divergence: jsd, beta: 0.5, temperature: 1.0, "
+            f"max_new_tokens: {args.max_new_tokens}, grammar: false}}\n"
+        )
     path.write_text(
         f"run_name: {name}\nrun_dir: {work / 'runs'}\nseed: 0\n"
         f"models: {{teacher: {teacher}, student: {student}}}\n"
@@ -291,6 +317,15 @@ def trl_sft(config: Path, out: Path) -> None:
 
 def trl_kd(config: Path, out: Path) -> None:
     """Variant (d), run in a child process: TRL's GKDTrainer on the dataset's answers, teacher in memory."""
+    gkd(config, out, on_policy=False)
+
+
+def trl_gkd(config: Path, out: Path) -> None:
+    """Variant (f), run in a child process: TRL's GKDTrainer on the student's own answers, teacher in memory."""
+    gkd(config, out, on_policy=True)
+
+
+def gkd(config: Path, out: Path, on_policy: bool) -> None:
     from transformers import AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -305,15 +340,17 @@ def trl_kd(config: Path, out: Path) -> None:
         },
         remove_columns=rows.column_names,
     )
-    # lmbda=0: no student generation, offline KD on fixed data; GKD's collator keeps the last max_length tokens,
-    # so its default 1,024 would cut the prompts
+    # lmbda=0: no student generation, offline KD on fixed data (lmbda=1: every step generates); GKD's collator
+    # keeps the last max_length tokens, so its default 1,024 would cut the prompts
+    o = cfg.train.on_policy
     args = GKDConfig(
-        **trainer_args(cfg, out.parent / "trl-kd-ckpt"),
+        **trainer_args(cfg, out.parent / "trl-gkd-ckpt"),
         bf16=False,
         max_length=cfg.train.max_length,
-        lmbda=0.0,
+        lmbda=1.0 if on_policy else 0.0,
         beta=KD["beta"],
-        temperature=KD["temperature"],
+        temperature=o.temperature if on_policy else KD["temperature"],
+        max_new_tokens=o.max_new_tokens,
     )
     trainer = GKDTrainer(
         model=str(cfg.models.student),
@@ -326,7 +363,7 @@ def trl_kd(config: Path, out: Path) -> None:
     train_and_record(trainer, len(data) * cfg.train.epochs, out)
 
 
-CHILDREN = {"baseline": baseline, "trl-sft": trl_sft, "trl-kd": trl_kd}
+CHILDREN = {"baseline": baseline, "trl-sft": trl_sft, "trl-kd": trl_kd, "trl-gkd": trl_gkd}
 
 
 def ours(config: Path) -> dict:
@@ -416,7 +453,9 @@ def equal_loss_check(config: Path) -> tuple[float, float]:
     return full, chunked
 
 
-def compare(results: dict[str, dict], mine: str, other: str, targets: tuple[str, str] = ("", "")) -> None:
+def compare(
+    results: dict[str, dict], mine: str, other: str, targets: tuple[str, str] = ("", ""), per: str = "tokens"
+) -> None:
     a, b = results[other], results[mine]
     if a.get("out_of_memory") or b.get("out_of_memory"):
         fits = {
@@ -426,7 +465,7 @@ def compare(results: dict[str, dict], mine: str, other: str, targets: tuple[str,
         print(f"{mine} / {other}: no ratio; peak RSS {mine} {fits[mine]}, {other} {fits[other]}")
         return
     print(
-        f"{mine} / {other}: tokens/s {b['tokens_per_s'] / a['tokens_per_s']:.2f}x{targets[0]}, "
+        f"{mine} / {other}: {per}/s {b[f'{per}_per_s'] / a[f'{per}_per_s']:.2f}x{targets[0]}, "
         f"peak memory {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x{targets[1]}"
     )
 
@@ -445,6 +484,14 @@ def main() -> None:
         default=True,
         help="also distil a teacher: TRL's GKD (trl-kd) against train.objective=kd (ours-kd)",
     )
+    parser.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="also distil on the student's own answers: TRL's GKD with lmbda 1 (trl-gkd) against "
+        "train.objective=on_policy (ours-op)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens each on-policy answer samples")
+    parser.add_argument("--variants", nargs="+", default=None, help="run only these (default: every one asked for)")
     parser.add_argument(
         "--memory-cap-mib",
         type=int,
@@ -465,7 +512,7 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
-    student, teacher = build_models(work, args.layers, args.kd)
+    student, teacher = build_models(work, args.layers, args.kd or args.on_policy)
     config, _ = write_run(work, "bench", student, student, args)
     variants = {"baseline": config, "ours": config, "trl-sft": config}
     print(
@@ -487,6 +534,17 @@ def main() -> None:
             "runs the teacher's forward inside every training step",
             flush=True,
         )
+
+    if args.on_policy:
+        op_config, _ = write_run(work, "bench-op", teacher, student, args, on_policy=True)
+        variants |= {"trl-gkd": op_config, "ours-op": op_config}
+        print(
+            f"on-policy: lmbda 1, {args.max_new_tokens} new tokens per answer at temperature 1, free, JSD beta 0.5; "
+            "the teacher in memory for both",
+            flush=True,
+        )
+    if args.variants:
+        variants = {name: path for name, path in variants.items() if name in args.variants}
 
     # Alternate the variants and keep each one's best run: the cores are shared, and a neighbour's load
     # would otherwise land on whichever variant happened to run at the time.
@@ -526,21 +584,29 @@ def main() -> None:
             f"{name:10} {r['tokens']:>8} {r['steps']:>5} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
             f"{r['samples_per_s']:>9.3f} {r['peak_rss_mb']:>12.0f} {r['mean_loss']:>9.4f}"
         )
-    compare(results, "ours", "baseline", (" (target >= 2)", " (target <= 0.5)"))
-    compare(results, "ours", "trl-sft")
-    if args.kd:
-        compare(results, "ours-kd", "trl-kd")
-    if args.kd and not any(results[n].get("out_of_memory") for n in ("ours-kd", "trl-kd")):
+    for mine, other, targets in (
+        ("ours", "baseline", (" (target >= 2)", " (target <= 0.5)")),
+        ("ours", "trl-sft", ("", "")),
+        ("ours-kd", "trl-kd", ("", "")),
+    ):
+        if mine in results and other in results:
+            compare(results, mine, other, targets)
+    if "ours-op" in results and "trl-gkd" in results:
+        compare(results, "ours-op", "trl-gkd", per="samples")
+    if {"ours-kd", "trl-kd"} <= set(results) and not any(
+        results[n].get("out_of_memory") for n in ("ours-kd", "trl-kd")
+    ):
         kd, trl = results["ours-kd"], results["trl-kd"]
         print(
             f"ours-kd / trl-kd tokens/s with the teacher's top-{TOP_K} pass added to ours-kd's time: "
             f"{kd['tokens'] / (kd['wall_s'] + teacher_s) / trl['tokens_per_s']:.2f}x"
         )
-    full, chunked = equal_loss_check(config)
-    print(
-        f"same batch, untrained model: full-logits loss {full:.6f}, chunked response loss {chunked:.6f}, "
-        f"|diff| {abs(full - chunked):.2e}"
-    )
+    if "baseline" in variants:
+        full, chunked = equal_loss_check(config)
+        print(
+            f"same batch, untrained model: full-logits loss {full:.6f}, chunked response loss {chunked:.6f}, "
+            f"|diff| {abs(full - chunked):.2e}"
+        )
     (work / "results.json").write_text(json.dumps({"teacher_top_k_s": teacher_s, **results}, indent=2))
     print(f"details: {work / 'results.json'}")
 

@@ -8,12 +8,16 @@ command (configs/kd-tiny.yaml):
      it has a distribution worth distilling;
   3. per student family, the trained teacher writes the data with its top-20 log-probabilities
      (`generate.logprobs`), under the task's grammar; then, at the same number of student steps,
-     `train.objective=sft` and `train.objective=kd`, each merged and evaluated on the same held-out inputs.
+     `train.objective=sft`, `kd` and `on_policy` (one run per `--lmbda`), each merged and evaluated on the
+     same held-out inputs;
+  4. at equal wall time: on-policy again (the first `--lmbda`), its steps cut so that its training takes what
+     offline KD's took.
 
-  .venv/bin/python scripts/kd_experiment.py [--teacher-examples 768] [--teacher-epochs 3]
+  .venv/bin/python scripts/kd_experiment.py [--teacher-examples 768] [--teacher-epochs 3] [--lmbda 0.25 0.5]
 
 Prints one table (held-out validity, quality, perplexity on the teacher's answers, agreement with the
-teacher, wall time) and writes it, with every number, to runs/kd-results.{md,json}.
+teacher, wall time, on-policy sampling and scoring time) and writes it, with every number, to
+runs/kd-results.{md,json}.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-examples", type=int, default=768, help="reference answers the teacher learns")
     parser.add_argument("--teacher-epochs", type=float, default=3)
+    parser.add_argument("--lmbda", type=float, nargs="+", default=[0.25, 0.5], help="on-policy shares to run")
+    parser.add_argument("--families", nargs="+", default=["cross", "same"], choices=["cross", "same"])
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = REPO / "runs/kd-configs"
@@ -122,36 +128,51 @@ def main() -> None:
 
     # 3. per student family: the teacher's data with its distribution, then SFT and KD at the same steps
     rows: list[dict[str, Any]] = []
-    for family in ("cross", "same"):
+    for family in args.families:
         run = f"kd-{family}"
         cfg = variant(work, run, run_name=run, models={"student": str(MODELS / family / "student"), "tiny": None})
         generate_s = distill("generate", str(cfg))
         if family == "cross":
             distill("eval", str(cfg), "--model", "teacher")
             rows.append({"variant": "teacher (its held-out answers)", **scores(manifest(run, "eval/teacher"))})
-        for objective in ("sft", "kd"):
-            setting = f"train.objective={objective}"
-            wall = distill("train", str(cfg), setting, "--overwrite")
-            wall += distill("merge", str(cfg), setting, "--overwrite")
-            distill("eval", str(cfg), setting, "--model", "merged", "--overwrite")
-            train = manifest(run, "train")
-            rows.append(
-                {
-                    "variant": f"{objective.upper()} {'cross' if family == 'cross' else 'same'}-tokenizer",
-                    "steps": train["steps"],
-                    "train_s": train["wall_s"],
-                    "train_merge_s": round(wall, 1),
-                    "final_loss": train["final_loss"],
-                    "coverage": (train.get("kd") or {}).get("coverage"),
-                    **scores(manifest(run, "eval/merged")),
-                }
-            )
-        rows[-1]["generate_s"] = rows[-2]["generate_s"] = round(generate_s, 1)
-        rows[-1]["bytes_per_token"] = manifest(run, "generate")["logprobs"]["bytes_per_token"]
+        pair = f"{family}-tokenizer"
+        variants = [("SFT", ["train.objective=sft"]), ("KD", ["train.objective=kd"])]
+        variants += [
+            (f"on-policy lmbda {x}", ["train.objective=on_policy", f"train.on_policy.lmbda={x}"]) for x in args.lmbda
+        ]
+        family_rows = [student(run, cfg, f"{name} {pair}", settings) for name, settings in variants]
+        # equal wall time: on-policy's steps cut to what offline KD's training took
+        kd, first = family_rows[1], family_rows[2]
+        steps = max(1, round(first["steps"] * kd["train_s"] / first["train_s"]))
+        settings = [*variants[2][1], f"train.max_steps={steps}"]
+        family_rows.append(student(run, cfg, f"{variants[2][0]} {pair}, KD's wall time", settings))
+        for row in family_rows:
+            row["generate_s"] = round(generate_s, 1)
+        family_rows[1]["bytes_per_token"] = manifest(run, "generate")["logprobs"]["bytes_per_token"]
+        rows += family_rows
     table = markdown(rows, teacher_s)
     print(table)
     (REPO / "runs/kd-results.md").write_text(table)
     (REPO / "runs/kd-results.json").write_text(json.dumps({"teacher_s": teacher_s, "rows": rows}, indent=2))
+
+
+def student(run: str, cfg: Path, name: str, settings: list[str]) -> dict[str, Any]:
+    """Train, merge and evaluate one student variant; its row."""
+    wall = distill("train", str(cfg), *settings, "--overwrite")
+    wall += distill("merge", str(cfg), *settings, "--overwrite")
+    distill("eval", str(cfg), *settings, "--model", "merged", "--overwrite")
+    train = manifest(run, "train")
+    on_policy = train.get("on_policy")
+    return {
+        "variant": name,
+        "steps": train["steps"],
+        "train_s": train["wall_s"],
+        "train_merge_s": round(wall, 1),
+        "final_loss": train["final_loss"],
+        "coverage": (on_policy or train.get("kd") or {}).get("coverage"),
+        "on_policy": on_policy,
+        **scores(manifest(run, "eval/merged")),
+    }
 
 
 def scores(m: dict[str, Any]) -> dict[str, Any]:
@@ -176,18 +197,20 @@ def markdown(rows: list[dict[str, Any]], teacher_s: float) -> str:
         "",
         (
             "| variant | steps | valid | quality | perplexity on teacher answers | split match | exercise overlap "
-            "| + grammar: valid, overlap | train + merge s | coverage (direct / mapped / ULD / none) |"
+            "| + grammar: valid, overlap | train + merge s | of which sampling / scoring s "
+            "| coverage (direct / mapped / ULD / none) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        c = r.get("coverage")
+        c, op = r.get("coverage"), r.get("on_policy")
         cover = f"{c['share']:.0%} ({c['direct']} / {c['mapped']} / {c['uld']} / {c['none']})" if c else ""
+        cost = f"{op['sampling_s']:.0f} / {op['scoring_s']:.0f}" if op else ""
         lines.append(
             f"| {r['variant']} | {r.get('steps', '')} | {num(r['validity'], '.0%')} | {num(r['quality'], '.3f')} "
             f"| {num(r['perplexity'], '.3f')} | {num(r['split_match'], '.0%')} | {num(r['overlap'], '.0%')} "
             f"| {num(r['grammar_validity'], '.0%')}, {num(r['grammar_overlap'], '.0%')} "
-            f"| {num(r.get('train_merge_s'), '.0f')} | {cover} |"
+            f"| {num(r.get('train_merge_s'), '.0f')} | {cost} | {cover} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -326,6 +326,46 @@ class KdConfig(Strict):
     )
 
 
+class OnPolicyTeacherConfig(Strict):
+    """Where the teacher that judges the student's own answers runs (train.objective=on_policy)."""
+
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers",
+        description="transformers: models.teacher in the training process; openai: a vLLM server's /v1/completions "
+        "with prompt_logprobs (one GPU holds the teacher for many students).",
+    )
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="The vLLM server (backend openai).")
+    model: str | None = Field(None, description="Served model name; default: models.teacher.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    timeout_s: float = Field(120, gt=0, description="Per-request timeout in seconds.")
+
+
+class OnPolicyConfig(Strict):
+    """train.objective=on_policy: a share of micro-batches are the student's own answers, scored by the teacher."""
+
+    lmbda: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of micro-batches whose answers the current student samples (the rest: the stored "
+        "teacher answers, distilled as train.objective=kd does).",
+    )
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "reverse_kl",
+        description="Divergence on the student's own answers: reverse KL is mode-seeking, it pushes the student off "
+        "tokens the teacher finds unlikely on the very paths the student takes.",
+    )
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher (divergence jsd).")
+    temperature: float = Field(1.0, gt=0, description="Student sampling temperature (no top-k/top-p).")
+    max_new_tokens: int = Field(512, ge=1, description="Longest sampled answer (also bounded by train.max_length).")
+    grammar: bool = Field(
+        True,
+        description="Sample under each input's grammar and score the teacher under it too (its distribution "
+        "after the grammar's mask, as generate.grammar stores it); false: both free.",
+    )
+    teacher: OnPolicyTeacherConfig = Field(default_factory=OnPolicyTeacherConfig, description="The scoring teacher.")
+
+
 class TrainConfig(Strict):
     """Stage 2: label-masked LoRA SFT of the student."""
 
@@ -333,12 +373,16 @@ class TrainConfig(Strict):
         "auto", description="auto = Unsloth on CUDA when installed, else transformers + peft."
     )
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
-    objective: Literal["sft", "kd"] = Field(
+    objective: Literal["sft", "kd", "on_policy"] = Field(
         "sft",
         description="sft: cross-entropy on the teacher's text; kd: also the teacher's distribution (train.kd), "
-        "captured by generate.logprobs.",
+        "captured by generate.logprobs; on_policy: also the teacher's judgement of the student's own answers "
+        "(train.on_policy).",
     )
     kd: KdConfig = Field(default_factory=KdConfig, description="Distillation of the teacher's distribution.")
+    on_policy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig, description="Distillation on the student's own answers."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     optim: Literal["adamw_8bit", "adamw_torch"] = Field("adamw_8bit", description="Optimizer.")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate.")

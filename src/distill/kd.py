@@ -163,10 +163,11 @@ class Aligner:
         return list(merged), list(merged.values())
 
     def targets(
-        self, response: str, answer_ids: list[int], tokens: Any, top_ids: Any, top_logprobs: Any
+        self, response: str | bytes, answer_ids: list[int], tokens: Any, top_ids: Any, top_logprobs: Any
     ) -> tuple[Any, Any, Any, Counter]:
         """(student ids [n, k], teacher log-probabilities [n, k], loss route [n], route counts) for the n
-        student answer tokens (the response and its end of turn, as trained)."""
+        student answer tokens (the response and its end of turn, as trained). A sampled answer comes as the
+        bytes its tokens spell, which need not be valid UTF-8."""
         import numpy as np
 
         n, k = len(answer_ids), top_ids.shape[1]
@@ -176,7 +177,7 @@ class Aligner:
         counts: Counter = Counter()
         spans = [self.teacher_bytes[t] if 0 <= t < len(self.teacher_bytes) else None for t in tokens.tolist()]
         text = b"".join(b or b"" for b in spans)
-        wanted = response.encode()
+        wanted = response if isinstance(response, bytes) else response.encode()
         # the answer is what follows the last think block, without surrounding whitespace
         think = text.rfind(b"</think>")
         origin = text.find(wanted, think + len(b"</think>") if think >= 0 else 0)
@@ -223,8 +224,8 @@ class Aligner:
         return out_ids, out_lp, route, counts
 
 
-def load_aligner(teacher_path: str, student_tokenizer: Any, uld: bool, align: bool) -> Aligner:
-    """The aligner for this teacher and student; a different-tokenizer pair needs train.kd.align."""
+def teacher_tokenizer(teacher_path: str) -> tuple[Any, set[int]]:
+    """The teacher's tokenizer and the ids that end its turn."""
     from transformers import AutoTokenizer, GenerationConfig
 
     try:
@@ -240,6 +241,12 @@ def load_aligner(teacher_path: str, student_tokenizer: Any, uld: bool, align: bo
         ends |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     except OSError:
         pass
+    return teacher, ends
+
+
+def load_aligner(teacher_path: str, student_tokenizer: Any, uld: bool, align: bool) -> Aligner:
+    """The aligner for this teacher and student; a different-tokenizer pair needs train.kd.align."""
+    teacher, ends = teacher_tokenizer(teacher_path)
     if not align and not same_vocabulary(teacher, student_tokenizer):
         raise DistillError(
             "train.kd.align: the teacher and the student have different tokenizers, and aligning them is off; set "

@@ -218,9 +218,13 @@ def kd_loss_sum(
     return kd.alpha * sums[0] + (1 - kd.alpha) * sums[1], int(wanted.numel())
 
 
-def attach_response_loss(causal_lm: Any, chunk_size: int, kd: KdSettings | None = None) -> None:
+def attach_response_loss(
+    causal_lm: Any, chunk_size: int, kd: KdSettings | None = None, on_policy: KdSettings | None = None
+) -> None:
     """Make `causal_lm(input_ids, attention_mask, labels)` return only the chunked response loss (with `kd`:
-    the mix of cross-entropy and distillation, given the batch's kd_ids, kd_logprobs and kd_route).
+    the mix of cross-entropy and distillation, given the batch's kd_ids, kd_logprobs and kd_route). A batch's
+    `kd_mode` picks the settings: "offline" (`kd`, the default), "on_policy" (`on_policy`: the student's own
+    answers) or "text" (cross-entropy only: stored answers without a distribution).
 
     It replaces the instance's forward rather than wrapping it, so peft, accelerate and DDP keep
     calling through their usual paths (DDP's gradient hooks depend on the wrapped forward being
@@ -238,8 +242,10 @@ def attach_response_loss(causal_lm: Any, chunk_size: int, kd: KdSettings | None 
         if labels is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
+        mode = kwargs.pop("kd_mode", "offline")
+        settings = on_policy if mode == "on_policy" else None if mode == "text" else kd
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        if kd is None:
+        if settings is None:
             total, count = response_loss_sum(hidden, labels, lm_head, chunk_size, softcap)
         else:
             total, count = kd_loss_sum(
@@ -248,7 +254,7 @@ def attach_response_loss(causal_lm: Any, chunk_size: int, kd: KdSettings | None 
                 lm_head,
                 chunk_size,
                 softcap,
-                kd,
+                settings,
                 kwargs["kd_ids"],
                 kwargs["kd_logprobs"],
                 kwargs["kd_route"],

@@ -67,6 +67,7 @@ class Coverage(Metrics):
     direct: int
     mapped: int
     uld: int
+    span: int | None = None  # on-policy only: a student token spelling a run of the teacher's, judged as a whole
     share: float
 
 
@@ -80,9 +81,32 @@ class KdSummary(Metrics):
     coverage: Coverage
 
 
+class OnPolicySummary(Metrics):
+    lmbda: float
+    divergence: str
+    beta: float
+    temperature: float
+    max_new_tokens: int
+    grammar: bool
+    teacher: str  # where the scoring teacher ran: transformers (in process) or openai (a vLLM server)
+    offline: str  # how the other micro-batches trained: offline (stored distribution) or text
+    on_policy_batches: int
+    offline_batches: int
+    share: float
+    rows: int
+    sampled_tokens: int
+    scored_tokens: int
+    sampling_s: float
+    scoring_s: float
+    training_s: float
+    wall_s: float
+    coverage: Coverage  # of the student's sampled tokens by the teacher's scores
+
+
 class TrainMetrics(Metrics):
     objective: str | None = None
     kd: KdSummary | None = None
+    on_policy: OnPolicySummary | None = None
     backend: str | None = None
     precision: str | None = None
     optimizer: str | None = None

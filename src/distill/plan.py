@@ -221,6 +221,20 @@ def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
             "total_full_logits": weights + optimizer + activations + logits_full,
         },
     }
+    o = cfg.train.on_policy
+    if cfg.train.objective == "on_policy" and o.teacher.backend == "transformers":
+        # the scoring teacher lives beside the student, in its precision, and reads one answer at a time: logits
+        # and their log-softmax at the answer's positions only
+        teacher = meta_model(cfg, "teacher")
+        answer = min(o.max_new_tokens, cfg.train.max_length) + 1
+        extra = {
+            "teacher_weights": sum(p.numel() for p in teacher.parameters()) * BYTES[precision],
+            "teacher_scoring_logits": answer * teacher.config.get_text_config().vocab_size * 4 * 2,
+        }
+        memory = plan["memory_bytes"]
+        for key in ("total_chunked", "total_full_logits"):
+            memory[key] += sum(extra.values())
+        memory.update(extra)
     g = cfg.generate
     if g.logprobs:
         # every generated example keeps it, held-out ones included; the answer length is the teacher's (or, from

@@ -12,6 +12,7 @@ from distill.metrics import (
     STAGE_METRICS,
     ExportMetrics,
     GenerateMetrics,
+    KdSummary,
     MergeMetrics,
     PruneMetrics,
     ServeMetrics,
@@ -129,16 +130,36 @@ def _train(cfg: PipelineConfig, m: TrainMetrics) -> list[str]:
 
 
 def objective_words(m: TrainMetrics) -> str:
-    kd = m.kd
+    kd, op = m.kd, m.on_policy
+    if m.objective == "on_policy" and op:
+        c = op.coverage
+        where = "in the training process" if op.teacher == "transformers" else "on a vLLM server"
+        offline = offline_words(kd) if kd else "cross-entropy on the teacher's text (the data has no distribution)"
+        return (
+            f"Objective: on-policy distillation. {op.share:.0%} of {op.on_policy_batches + op.offline_batches:,} "
+            f"micro-batches (lmbda {op.lmbda}) were the student's own answers: {op.rows:,} sampled "
+            f"{'under the task grammar' if op.grammar else 'free'} at temperature {op.temperature} "
+            f"({op.sampled_tokens:,} tokens), scored by the teacher {where} ({op.scored_tokens:,} tokens) and "
+            f"trained on {op.divergence}{f' (beta {op.beta})' if op.divergence == 'jsd' else ''} alone; "
+            f"{c.share:.0%} of the sampled tokens had the teacher's judgement (same tokenizer {c.direct:,}, mapped "
+            f"by text {c.mapped:,}, a run of the teacher's tokens {c.span or 0:,}, ULD {c.uld:,}; none {c.none:,}). "
+            f"Time: sampling {op.sampling_s:,.0f} s, "
+            f"scoring {op.scoring_s:,.0f} s, training {op.training_s:,.0f} s. The other micro-batches: {offline}."
+        )
     if m.objective != "kd" or not kd:
         return "Objective: cross-entropy on the teacher's text (SFT)."
+    return f"Objective: {offline_words(kd)}."
+
+
+def offline_words(kd: KdSummary) -> str:
+    """How the stored answers' distribution was distilled, and how much of it reached the student."""
     c = kd.coverage
     beta = f", beta {kd.beta}" if kd.divergence == "jsd" else ""
     return (
-        f"Objective: distillation of the teacher's top-k distribution ({kd.divergence}{beta}, temperature "
+        f"distillation of the teacher's top-k distribution ({kd.divergence}{beta}, temperature "
         f"{kd.temperature}, cross-entropy weight {kd.alpha}); {c.share:.0%} of {c.tokens:,} response "
         f"tokens had a teacher distribution (same tokenizer {c.direct:,}, mapped by text {c.mapped:,}, "
-        f"ULD {c.uld:,}; none {c.none:,})."
+        f"ULD {c.uld:,}; none {c.none:,})"
     )
 
 

@@ -38,8 +38,14 @@ def choose_backend(cfg: PipelineConfig) -> str:
         raise DistillError(
             "train.backend=unsloth: only train.method=lora is wired to Unsloth; use train.backend=transformers"
         )
+    if wanted == "unsloth" and cfg.train.objective == "on_policy":
+        raise DistillError(
+            "train.backend=unsloth: train.objective=on_policy samples through transformers' generate, which is not "
+            "wired to Unsloth; use train.backend=transformers"
+        )
     if wanted == "auto":
-        return "unsloth" if has_unsloth and torch.cuda.is_available() and cfg.train.method == "lora" else "transformers"
+        fits = cfg.train.method == "lora" and cfg.train.objective != "on_policy"
+        return "unsloth" if has_unsloth and torch.cuda.is_available() and fits else "transformers"
     return wanted
 
 
@@ -74,17 +80,22 @@ def load_dataset_split(cfg: PipelineConfig) -> Any:
     return data["train"]
 
 
-def check_distribution(cfg: PipelineConfig, rows: Any) -> None:
-    """train.objective=kd needs the teacher's distribution in the dataset."""
+def check_distribution(cfg: PipelineConfig, rows: Any) -> bool:
+    """Whether the dataset holds the teacher's distribution; train.objective=kd needs it (on_policy trains the
+    stored answers on their text alone without it)."""
     from distill.kd import COLUMNS
 
     missing = [c for c in COLUMNS if c not in rows.column_names]
+    if missing and cfg.train.objective == "on_policy":
+        log.info("no stored teacher distribution: the offline micro-batches train on the teacher's text alone")
+        return False
     if missing:
         raise DistillError(
             f"train.objective=kd: the dataset has no teacher distribution ({', '.join(missing)}); generate it with "
             f"generate.logprobs=20 (`distill generate {cfg.command_args} generate.logprobs=20 --overwrite`), or set "
             "train.objective=sft"
         )
+    return True
 
 
 def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int, list[str]]:
@@ -113,11 +124,23 @@ def tokenize(cfg: PipelineConfig, tokenizer: Any, rows: Any) -> tuple[Any, int, 
     if too_long is not None and not kept:
         raise DistillError(f"train: every example's prompt fills train.max_length; the first: {too_long}")
     dataset = Dataset.from_dict(columns)
-    if cfg.train.objective == "kd":  # the collator aligns them batch by batch; they stay in Arrow until then
-        distribution = rows.select_columns(["response", *COLUMNS])
+    # what the collator needs beside the ids (it aligns the distribution batch by batch; a rollout renders the
+    # prompt for the teacher and reads the input's grammar) stays in Arrow until then
+    extra = {
+        "sft": [],
+        "kd": ["response", *COLUMNS],
+        "on_policy": [
+            "id",
+            "prompt",
+            *(["payload"] if "payload" in rows.column_names else []),
+            *(["response", *COLUMNS] if set(COLUMNS) <= set(rows.column_names) else []),
+        ],
+    }[cfg.train.objective]
+    if extra:
+        carried = rows.select_columns(extra)
         if skipped:
-            distribution = distribution.select(kept)
-        dataset = concatenate_datasets([dataset, distribution], axis=1)
+            carried = carried.select(kept)
+        dataset = concatenate_datasets([dataset, carried], axis=1)
     return dataset, truncated, skipped
 
 
@@ -137,10 +160,11 @@ def kd_coverage(dataset: Any, aligner: Any) -> dict[str, Any]:
 
 
 def attach_objective(
-    cfg: PipelineConfig, model: Any, tokenizer: Any, dataset: Any
-) -> tuple[Any, dict[str, Any] | None]:
-    """Give the model its loss (train.objective) and return the collator that feeds it, with the share of
-    response tokens that get a teacher distribution (kd only)."""
+    cfg: PipelineConfig, model: Any, tokenizer: Any, dataset: Any, stored: bool, process: int, device: Any
+) -> tuple[Any, dict[str, Any] | None, Any]:
+    """Give the model its loss (train.objective) and return the collator that feeds it, the share of stored
+    response tokens that get a teacher distribution (kd, and on_policy with a stored distribution), and the
+    rollouts (on_policy only)."""
     from distill.kd import ROUTES, KdCollator, load_aligner
     from distill.loss import KdSettings, attach_response_loss
     from distill.sft_data import Collator
@@ -149,20 +173,32 @@ def attach_objective(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if t.objective == "sft":
         attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
-        return Collator(pad_id), None
+        return Collator(pad_id), None, None
     aligner = load_aligner(cfg.models.teacher, tokenizer, uld=t.kd.unmapped == "uld", align=t.kd.align)
-    coverage = kd_coverage(dataset, aligner)
-    log.info(
-        "distilling %s from the teacher's top-%d: %.1f%% of %d response tokens covered (%s)",
-        t.kd.divergence,
-        len(dataset[0]["teacher_top_ids"][0]),
-        100 * coverage["share"],
-        coverage["tokens"],
-        ", ".join(f"{r} {coverage[r]}" for r in ROUTES),
-    )
     settings = KdSettings(t.kd.divergence, t.kd.beta, t.kd.temperature, t.kd.alpha)
+    coverage = kd_coverage(dataset, aligner) if stored else None
+    if coverage is not None:
+        log.info(
+            "distilling %s from the teacher's top-%d: %.1f%% of %d response tokens covered (%s)",
+            t.kd.divergence,
+            len(dataset[0]["teacher_top_ids"][0]),
+            100 * coverage["share"],
+            coverage["tokens"],
+            ", ".join(f"{r} {coverage[r]}" for r in ROUTES),
+        )
+    if t.objective == "on_policy":
+        from distill.on_policy import RolloutCollator, Rollouts
+
+        o = t.on_policy
+        # the student's own answers are trained on the divergence alone: their cross-entropy would sharpen it
+        own = KdSettings(o.divergence, o.beta, t.kd.temperature, 0.0)
+        attach_response_loss(causal_lm_of(model), t.loss_chunk_size, settings, own)
+        samples = stage_dir(cfg, "train") / "samples.jsonl"
+        rollouts = Rollouts(cfg, tokenizer, aligner, stored, process, device, causal_lm_of(model).dtype, samples)
+        inner = KdCollator(pad_id, aligner) if stored else Collator(pad_id)
+        return RolloutCollator(inner), coverage, rollouts
     attach_response_loss(causal_lm_of(model), t.loss_chunk_size, settings)
-    return KdCollator(pad_id, aligner), coverage
+    return KdCollator(pad_id, aligner), coverage, None
 
 
 def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, Any]:
@@ -348,8 +384,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         return folder
     set_seed(cfg.seed)
     rows = load_dataset_split(cfg)
-    if t.objective == "kd":
-        check_distribution(cfg, rows)
+    stored = check_distribution(cfg, rows) if t.objective != "sft" else False
     model, tokenizer = load_student(cfg, backend, bf16)
     dataset, truncated, skipped = tokenize(cfg, tokenizer, rows)
     if truncated:
@@ -382,21 +417,43 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         f"{plan['trainable_params']:,}",
     )
 
-    collator, coverage = attach_objective(cfg, model, tokenizer, dataset)
+    collator, coverage, rollouts = attach_objective(
+        cfg, model, tokenizer, dataset, stored, args.process_index, args.device
+    )
     callbacks = make_callbacks(model, log_path, steps)
     if t.optim == "adamw_8bit":
         _forget_earlier_optimizer_overrides()
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer_type = Trainer
+    if rollouts is not None:
+        from distill.on_policy import trainer_class
+
+        trainer_type = trainer_class()
+        callbacks.append(rollouts.callback())
+    trainer = trainer_type(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    if rollouts is not None:
+        trainer.rollouts = rollouts
     resume = last_checkpoint(checkpoints)
+    if rollouts is not None and resume is not None:
+        rollouts.restore(resume)
+    samples = folder / "samples.jsonl"  # on-policy: the student's answers, by the step that trained on them
     if main:
         if resume is None:
             log_path.unlink(missing_ok=True)
+            samples.unlink(missing_ok=True)
+            if rollouts is not None:
+                samples.touch()
         else:
             log.info("resuming from %s", resume)
             _trim_log(log_path, int(resume.name.split("-")[1]))
+            _trim_log(samples, int(resume.name.split("-")[1]))
     # read now: the checkpoint we resume from is rotated away (save_total_limit) during training
     tokens_before = resume_tokens(resume) if resume else 0
-    wall = _train(trainer, resume, checkpoints)
+    try:
+        wall = _train(trainer, resume, checkpoints)
+    finally:
+        if rollouts is not None:
+            rollouts.close()
+    on_policy = rollouts.summary() if rollouts is not None else None
     if not main:
         return folder
 
@@ -413,7 +470,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
         "steps": steps,
     }
     record.metrics = train_metrics(cfg, trainer, setup, plan, coverage, entries, wall, tokens_before, resume)
+    if on_policy is not None:
+        record.metrics["on_policy"] = on_policy
     record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
+    if rollouts is not None:
+        record.files["samples"] = samples.name
     return record.finish()
 
 
@@ -518,7 +579,7 @@ def optimizer_name(optimizer: Any) -> str:
 
 
 def _trim_log(log_path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from; those steps are redone."""
+    """Drop log (or sample) lines past the checkpoint we resume from; those steps are redone."""
     if log_path.exists():
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in kept))

@@ -1,6 +1,10 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -298,3 +302,41 @@ def check_captured_distribution(folder: Path, teacher_dir: Path, k: int, ends_wi
         full += (np.exp(values).sum(axis=1) > 0.999).tolist()
     # a random teacher's unmasked top k never holds all the mass; masked, it often does
     assert np.mean(full) > 0.3, np.mean(full)
+
+
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@contextlib.contextmanager
+def vllm_server(model: Path, name: str = "teacher", start_s: float = 180) -> Iterator[int]:
+    """vLLM's OpenAI-compatible server of `model` (fp32, eager) on a free port, once it answers; its whole process
+    group is ended afterwards. Yields the port; a server not answering within `start_s` fails the test."""
+    import httpx
+
+    from distill.serving.fleet import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    command += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    command += ["--max-model-len", "4096", "--enforce-eager"]
+    server = subprocess.Popen(
+        command,
+        env={**os.environ, **VLLM_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + start_s
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("vLLM server did not start")
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

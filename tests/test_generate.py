@@ -1,15 +1,19 @@
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import check_captured_distribution, crew_task, invoke_cli, kill_9_then_resume, run_cli, write_config
+from conftest import (
+    VLLM_ENV,
+    check_captured_distribution,
+    crew_task,
+    invoke_cli,
+    kill_9_then_resume,
+    run_cli,
+    vllm_server,
+    write_config,
+)
 
 from distill.config import load_config
 
@@ -139,7 +143,6 @@ def test_bad_input_errors(tmp_path, tiny_models) -> None:
     assert res.returncode == 1 and "--shard 3/2" in res.stderr
 
 
-VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 GRAMMAR_LEAVES = {"near_duplicate"}  # the crew grammar enforces every check; only the dedup filter is left
 
 
@@ -235,84 +238,49 @@ class _FlakyProxy(BaseHTTPRequestHandler):
 
 @pytest.mark.slow
 def test_openai_backend_against_real_vllm_server_with_a_retry(tmp_path, tiny_models) -> None:
-    import httpx
-
-    from distill.serving.fleet import free_port
-
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(tiny_models / "teacher"),
-            "--served-model-name",
-            "teacher",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "4096",
-            "--enforce-eager",
-        ],
-        env={**os.environ, **VLLM_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
-    _FlakyProxy.upstream = f"http://127.0.0.1:{port}"
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("vLLM server did not start")
-        openai = {"base_url": f"http://127.0.0.1:{proxy.server_address[1]}/v1", "model": "teacher", "concurrency": 2}
-        generate = {**GENERATE, "max_attempts_factor": 1.0, "sampling": {"max_tokens": 16}, "openai": openai}
-        path = write_config(tmp_path, tiny_models, **RUN, generate=generate)
-        result = invoke_cli(
-            "generate",
-            str(path),
-            "generate.backend=openai",
-            "generate.num_examples=3",
-            "generate.validation_examples=1",
-            "generate.test_examples=1",
-        )
-        assert "ran out of attempts" in result.stderr, result.stderr
-        recs = load_records(tmp_path / "runs/g/generate")
-        assert len(recs) == 5 and all(r["output_tokens"] > 0 for r in recs)
-        assert _FlakyProxy.chat_calls == 6  # 5 requests + 1 retried after the 503
-        # the same server under each input's grammar (vLLM's structured_outputs): no answer is wrong in form
-        # with the top-5 log-probabilities (logprobs / top_logprobs, token ids through return_tokens_as_token_ids)
-        result = invoke_cli(
-            "generate",
-            str(path),
-            "run_name=g2",
-            "generate.backend=openai",
-            "generate.grammar=true",
-            "generate.num_examples=3",
-            "generate.validation_examples=1",
-            "generate.test_examples=1",
-            "generate.sampling.max_tokens=700",
-            "generate.logprobs=5",
-        )
-        recs = load_records(tmp_path / "runs/g2/generate")
-        assert len(recs) >= 5 and {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES, result.stderr
-        check_captured_distribution(tmp_path / "runs/g2/generate", tiny_models / "teacher", 5)
-    finally:
-        proxy.shutdown()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    with vllm_server(tiny_models / "teacher") as port:
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+        _FlakyProxy.upstream = f"http://127.0.0.1:{port}"
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            openai = {
+                "base_url": f"http://127.0.0.1:{proxy.server_address[1]}/v1",
+                "model": "teacher",
+                "concurrency": 2,
+            }
+            generate = {**GENERATE, "max_attempts_factor": 1.0, "sampling": {"max_tokens": 16}, "openai": openai}
+            path = write_config(tmp_path, tiny_models, **RUN, generate=generate)
+            result = invoke_cli(
+                "generate",
+                str(path),
+                "generate.backend=openai",
+                "generate.num_examples=3",
+                "generate.validation_examples=1",
+                "generate.test_examples=1",
+            )
+            assert "ran out of attempts" in result.stderr, result.stderr
+            recs = load_records(tmp_path / "runs/g/generate")
+            assert len(recs) == 5 and all(r["output_tokens"] > 0 for r in recs)
+            assert _FlakyProxy.chat_calls == 6  # 5 requests + 1 retried after the 503
+            # the same server under each input's grammar (vLLM's structured_outputs): no answer is wrong in form
+            # with the top-5 log-probabilities (logprobs / top_logprobs, token ids through return_tokens_as_token_ids)
+            result = invoke_cli(
+                "generate",
+                str(path),
+                "run_name=g2",
+                "generate.backend=openai",
+                "generate.grammar=true",
+                "generate.num_examples=3",
+                "generate.validation_examples=1",
+                "generate.test_examples=1",
+                "generate.sampling.max_tokens=700",
+                "generate.logprobs=5",
+            )
+            recs = load_records(tmp_path / "runs/g2/generate")
+            assert len(recs) >= 5 and {x for r in recs for x in r["reasons"]} <= GRAMMAR_LEAVES, result.stderr
+            check_captured_distribution(tmp_path / "runs/g2/generate", tiny_models / "teacher", 5)
+        finally:
+            proxy.shutdown()
 
 
 def test_rouge_l_known_values() -> None:

@@ -6,14 +6,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import CLI, REPO, invoke_cli, write_config
+from conftest import CLI, REPO, invoke_cli, vllm_server, write_config
 from test_kd import CAPTURE, KD_RUN, KD_TRAIN
 
 from distill.config import load_config
@@ -248,37 +247,14 @@ def test_bad_teachers_are_one_line_and_change_nothing(tmp_path, tiny_models, cli
 def test_a_vllm_server_scores_as_the_teacher_in_process_does(tmp_path, tiny_models) -> None:
     """One vLLM server holds the teacher: its prompt log-probabilities are the in-process teacher's, and a
     training run scores the student's answers there."""
-    import httpx
     import numpy as np
     import torch
-    from test_generate import VLLM_ENV
     from transformers import AutoTokenizer
 
     from distill.config import OnPolicyTeacherConfig
     from distill.on_policy import LocalTeacher, ServerTeacher, teacher_prompt_ids
-    from distill.serving.fleet import free_port
 
-    port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models / "teacher")]
-    command += ["--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
-    command += ["--max-model-len", "4096", "--enforce-eager"]
-    server = subprocess.Popen(
-        command,
-        env={**os.environ, **VLLM_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("vLLM server did not start")
+    with vllm_server(tiny_models / "teacher", start_s=240) as port:
         tokenizer = AutoTokenizer.from_pretrained(tiny_models / "teacher")
         prompt = teacher_prompt_ids(tokenizer, "Plan the next three workouts for a pilot.")
         answer = tokenizer("Day 1: squat x3, run 5 km")["input_ids"] + [tokenizer.eos_token_id]
@@ -307,6 +283,3 @@ def test_a_vllm_server_scores_as_the_teacher_in_process_does(tmp_path, tiny_mode
         assert result.returncode == 0, result.stderr
         op = json.loads((tmp_path / "runs/kd/train/manifest.json").read_text())["metrics"]["on_policy"]
         assert op["teacher"] == "openai" and op["on_policy_batches"] == 3 and op["coverage"]["mapped"] > 0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)

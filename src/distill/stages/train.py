@@ -435,17 +435,17 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     resume = last_checkpoint(checkpoints)
     if rollouts is not None and resume is not None:
         rollouts.restore(resume)
-    samples = folder / "samples.jsonl"  # on-policy: the student's answers, by the step that trained on them
+    samples = rollouts.samples if rollouts is not None else None  # the main process's on-policy answers
     if main:
         if resume is None:
             log_path.unlink(missing_ok=True)
-            samples.unlink(missing_ok=True)
-            if rollouts is not None:
-                samples.touch()
+            if samples is not None:
+                samples.write_text("")
         else:
             log.info("resuming from %s", resume)
             _trim_log(log_path, int(resume.name.split("-")[1]))
-            _trim_log(samples, int(resume.name.split("-")[1]))
+            if samples is not None:
+                _trim_log(samples, int(resume.name.split("-")[1]))
     # read now: the checkpoint we resume from is rotated away (save_total_limit) during training
     tokens_before = resume_tokens(resume) if resume else 0
     try:
@@ -473,7 +473,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     if on_policy is not None:
         record.metrics["on_policy"] = on_policy
     record.files = {out_name: out_name, "log": "log.jsonl", "loss_plot": "loss.png", "checkpoints": "checkpoints"}
-    if rollouts is not None:
+    if samples is not None:
         record.files["samples"] = samples.name
     return record.finish()
 

@@ -123,6 +123,10 @@ def test_on_policy_training_samples_under_the_grammar_and_counts_its_cost(tmp_pa
     task = load_task(cfg)
     drawn = samples(out)
     assert len(drawn) == op["rows"] and {s["step"] for s in drawn} <= {1, 2, 3}
+    # the teacher's judgement of each answer, and its mean per sampled token in the manifest
+    assert all(s["teacher_logprob"] < 0 for s in drawn)
+    judged = -sum(s["teacher_logprob"] for s in drawn) / op["sampled_tokens"]
+    assert op["teacher_nll_per_token"] == pytest.approx(judged, abs=1e-3)
     for sample in drawn:
         assert 0 < sample["tokens"] <= 48
         grammar = task_grammar(task, rows[sample["id"]])
@@ -132,6 +136,21 @@ def test_on_policy_training_samples_under_the_grammar_and_counts_its_cost(tmp_pa
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     words = objective_words(TrainMetrics(**m))
     assert "on-policy distillation" in words and f"{op['sampled_tokens']:,} tokens" in words
+
+
+def test_no_answer_of_the_students_is_drawn_before_start_step() -> None:
+    from types import SimpleNamespace
+
+    from distill.config import OnPolicyConfig
+    from distill.on_policy import Rollouts
+
+    rollouts = Rollouts.__new__(Rollouts)  # the draw needs only the settings, the seed and the process
+    rollouts.cfg, rollouts.process = SimpleNamespace(seed=0), 0
+    rollouts.settings = OnPolicyConfig(lmbda=1.0, start_step=3)
+    assert [rollouts.chosen(step, micro) for step in range(5) for micro in range(2)] == [False] * 6 + [True] * 4
+    rollouts.settings = OnPolicyConfig(lmbda=0.5, start_step=3)
+    later = [rollouts.chosen(step, micro) for step in range(3, 200) for micro in range(2)]
+    assert 0.4 < sum(later) / len(later) < 0.6  # from start_step on, lmbda's share as before
 
 
 def _train_until_killed(config: Path, checkpoint: Path) -> None:

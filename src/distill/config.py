@@ -355,6 +355,13 @@ class OnPolicyConfig(Strict):
         description="Divergence on the student's own answers: reverse KL is mode-seeking, it pushes the student off "
         "tokens the teacher finds unlikely on the very paths the student takes.",
     )
+    start_step: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps trained on the stored answers alone before the student's own are drawn: a "
+        "student that still writes noise gives the teacher nothing worth judging (GKD starts from a fine-tuned "
+        "student).",
+    )
     beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher (divergence jsd).")
     temperature: float = Field(1.0, gt=0, description="Student sampling temperature (no top-k/top-p).")
     max_new_tokens: int = Field(512, ge=1, description="Longest sampled answer (also bounded by train.max_length).")

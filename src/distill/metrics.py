@@ -83,6 +83,7 @@ class KdSummary(Metrics):
 
 class OnPolicySummary(Metrics):
     lmbda: float
+    start_step: int = 0  # steps on the stored answers alone first
     divergence: str
     beta: float
     temperature: float
@@ -96,6 +97,7 @@ class OnPolicySummary(Metrics):
     rows: int
     sampled_tokens: int
     scored_tokens: int
+    teacher_nll_per_token: float | None = None  # the teacher's negative log-likelihood of the student's answers
     sampling_s: float
     scoring_s: float
     training_s: float

@@ -49,6 +49,7 @@ class Cost:
     rows: int = 0
     sampled_tokens: int = 0  # student tokens drawn
     scored_tokens: int = 0  # teacher positions read for top-k (its tokens of the answers, end of turn included)
+    teacher_logprob: float = 0.0  # the teacher's log-likelihood of every sampled answer, summed
     sampling_s: float = 0.0
     scoring_s: float = 0.0
     wall_s: float = 0.0  # of training as a whole, at the last checkpoint
@@ -269,6 +270,8 @@ class Rollouts:
     # ── which micro-batches ──
 
     def chosen(self, step: int, micro: int) -> bool:
+        if step < self.settings.start_step:
+            return False
         draw = random.Random(f"{self.cfg.seed}/{step}/{micro}/{self.process}").random()
         return draw < self.settings.lmbda
 
@@ -312,16 +315,18 @@ class Rollouts:
         self.cost.on_policy_batches += 1
         self.cost.rows += len(rows)
         self.cost.sampled_tokens += sum(len(a) for a in answers)
+        self.cost.teacher_logprob += sum(p[3] for p in parts)
         if self.samples is not None:
             eot = self.aligner.student_eot
             with self.samples.open("a", encoding="utf-8") as fh:
-                for (example, _, _), answer in zip(rows, answers):
+                for (example, _, _), answer, part in zip(rows, answers, parts):
                     entry = {
                         "step": step + 1,
                         "micro": micro,
                         "id": example,
                         "tokens": len(answer),
                         "ended": bool(answer) and answer[-1] == eot,
+                        "teacher_logprob": round(part[3], 4),
                         "answer": self.tokenizer.decode(answer, skip_special_tokens=True),
                     }
                     fh.write(json.dumps(entry) + "\n")
@@ -396,8 +401,9 @@ class Rollouts:
             answers.append(row[: min(end + 1, space)])
         return answers
 
-    def _targets(self, prompt: str, answer: list[int], gbnf: str | None) -> tuple[Any, Any, Any]:
-        """The teacher's top-k on this answer, as targets for the student's tokens (see Aligner.targets)."""
+    def _targets(self, prompt: str, answer: list[int], gbnf: str | None) -> tuple[Any, Any, Any, float]:
+        """The teacher's top-k on this answer, as targets for the student's tokens (see Aligner.targets), and its
+        log-likelihood of the whole answer (under the grammar's mask where one is given)."""
         import numpy as np
 
         eot = self.aligner.student_eot
@@ -414,7 +420,7 @@ class Rollouts:
         self._spans(spelled, answer, teacher_ids, own, (out_ids, out_lp, route), counts)
         for name, count in counts.items():
             self.cost.routes[name] += count
-        return out_ids, out_lp, route
+        return out_ids, out_lp, route, float(np.sum(own))
 
     def _spans(
         self, spelled: bytes, answer: list[int], teacher_ids: list[int], own: Any, targets: tuple, counts: Counter
@@ -486,11 +492,13 @@ class Rollouts:
         counts += [c.routes[r] for r in OWN_ROUTES]
         times = [c.sampling_s, c.scoring_s, time.perf_counter() - self.began]
         counts, times = _all_processes(counts, "sum"), _all_processes(times, "max")
+        (judged,) = _all_processes([c.teacher_logprob], "sum", exact=False)
         routes = dict(zip(OWN_ROUTES, counts[5:]))
         tokens = sum(routes.values())
         o = self.settings
         return {
             "lmbda": o.lmbda,
+            "start_step": o.start_step,
             "divergence": o.divergence,
             "beta": o.beta,
             "temperature": o.temperature,
@@ -504,6 +512,8 @@ class Rollouts:
             "rows": counts[2],
             "sampled_tokens": counts[3],
             "scored_tokens": counts[4],
+            # how unlikely the teacher finds the student's answers, per student token: what on-policy lowers
+            "teacher_nll_per_token": round(-judged / counts[3], 4) if counts[3] else None,
             "sampling_s": round(times[0], 2),
             "scoring_s": round(times[1], 2),
             "training_s": round(max(times[2] - times[0] - times[1], 0.0), 2),
@@ -516,7 +526,8 @@ class Rollouts:
             self.scorer.close()
 
 
-def _all_processes(values: list[float], how: str) -> list[float]:
+def _all_processes(values: list[float], how: str, exact: bool = True) -> list[float]:
+    """Summed (counts: `exact` keeps them integers) or the largest, over the data-parallel processes."""
     import torch
     import torch.distributed as dist
 
@@ -524,7 +535,7 @@ def _all_processes(values: list[float], how: str) -> list[float]:
         return values
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if how == "sum" else dist.ReduceOp.MAX)
-    return [int(v) if how == "sum" else float(v) for v in tensor.tolist()]
+    return [int(v) if how == "sum" and exact else float(v) for v in tensor.tolist()]
 
 
 def trainer_class() -> Any:

@@ -407,6 +407,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     steps = train_steps(len(dataset), cfg, world_size=args.world_size)
     if len(rows) != plan["examples"]:
         log.warning("train split has %d examples, the plan counted %d", len(rows), plan["examples"])
+    if t.objective == "on_policy" and t.on_policy.start_step >= steps:
+        log.warning(
+            "train.on_policy.start_step=%d is not below this run's %d steps: the student's own answers are never drawn",
+            t.on_policy.start_step,
+            steps,
+        )
     log.info(
         "%s backend, %s, %d process(es), %d examples, %d steps, %s trainable parameters",
         backend,

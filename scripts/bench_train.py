@@ -43,7 +43,9 @@ work), sampled free at temperature 1 up to --max-new-tokens, generalised JSD wit
       make full-vocabulary logits at every position of the new sequence;
   (g) ours-op:  `distill train` with train.objective=on_policy, lmbda 1, the teacher in the training process:
       it scores the answer's positions only (top-20), aligned to the student's tokens, and the loss runs on
-      the chunked top-k + tail buckets as ours-kd's does.
+      the chunked top-k + tail buckets as ours-kd's does; answers drawn by transformers' generate;
+  (h) ours-op-vllm: the same with train.on_policy.sampler=vllm: a vLLM engine in the training process draws
+      the answers, the trained weights pushed into it before each draw.
 
 Random weights never write the end of turn, so every answer runs to --max-new-tokens in both. Their tokens/s
 count different inputs (GKD the stored example it was handed, ours the sequence it trained on): compare
@@ -122,11 +124,11 @@ def write_run(
     student: Path,
     args: argparse.Namespace,
     top_k: int = 0,
-    on_policy: bool = False,
+    sampler: str | None = None,
 ) -> tuple[Path, float]:
     """A config for `distill train` plus a finished generate stage holding the examples. With `top_k`, a KD
     config whose examples also carry the teacher's top-k; the seconds the teacher took come back with it. With
-    `on_policy`, an on-policy config (lmbda 1) on the examples' prompts."""
+    `sampler`, an on-policy config (lmbda 1) on the examples' prompts, its answers drawn by that sampler."""
     from datasets import Dataset, DatasetDict
 
     from distill.artifacts import StageRecord, prepare_output, stage_dir
@@ -135,10 +137,10 @@ def write_run(
 
     path = work / f"{name}.yaml"
     kd_train = f"  objective: kd\n  kd: {{{', '.join(f'{k}: {v}' for k, v in KD.items())}}}\n" if top_k else ""
-    if on_policy:
+    if sampler:
         kd_train = (
             "  objective: on_policy\n  on_policy: {lmbda: 1.0, divergence: jsd, beta: 0.5, temperature: 1.0, "
-            f"max_new_tokens: {args.max_new_tokens}, grammar: false}}\n"
+            f"max_new_tokens: {args.max_new_tokens}, grammar: false, sampler: {sampler}}}\n"
         )
     path.write_text(
         f"run_name: {name}\nrun_dir: {work / 'runs'}\nseed: 0\n"
@@ -536,8 +538,9 @@ def main() -> None:
         )
 
     if args.on_policy:
-        op_config, _ = write_run(work, "bench-op", teacher, student, args, on_policy=True)
-        variants |= {"trl-gkd": op_config, "ours-op": op_config}
+        op_config, _ = write_run(work, "bench-op", teacher, student, args, sampler="transformers")
+        op_vllm, _ = write_run(work, "bench-op-vllm", teacher, student, args, sampler="vllm")
+        variants |= {"trl-gkd": op_config, "ours-op": op_config, "ours-op-vllm": op_vllm}
         print(
             f"on-policy: lmbda 1, {args.max_new_tokens} new tokens per answer at temperature 1, free, JSD beta 0.5; "
             "the teacher in memory for both",
@@ -591,8 +594,9 @@ def main() -> None:
     ):
         if mine in results and other in results:
             compare(results, mine, other, targets)
-    if "ours-op" in results and "trl-gkd" in results:
-        compare(results, "ours-op", "trl-gkd", per="samples")
+    for mine, other in (("ours-op", "trl-gkd"), ("ours-op-vllm", "trl-gkd"), ("ours-op-vllm", "ours-op")):
+        if mine in results and other in results:
+            compare(results, mine, other, per="samples")
     if {"ours-kd", "trl-kd"} <= set(results) and not any(
         results[n].get("out_of_memory") for n in ("ours-kd", "trl-kd")
     ):

@@ -17,7 +17,7 @@ command (configs/kd-tiny.yaml):
      start from a fine-tuned model, not from one that writes noise.
 
   .venv/bin/python scripts/kd_experiment.py [--teacher-examples 768] [--teacher-epochs 3] [--lmbda 0.25 0.5]
-      [--held-out 16] [--warm] [--no-equal-time]
+      [--held-out 16] [--warm [--train-seeds 1 2]] [--no-equal-time]
 
 Every student is also judged by the teacher: its negative log-likelihood, per byte, of the student's free
 held-out answers (what on-policy training lowers on the student's own answers), and, over all the answers of
@@ -96,6 +96,13 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["cross", "same"], choices=["cross", "same"])
     parser.add_argument("--held-out", type=int, default=16, help="held-out inputs generated and evaluated")
     parser.add_argument("--warm", action="store_true", help="add KD-then-on-policy at twice the epochs")
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=[],
+        help="with --warm: its rows again at each of these train.seed values (the same data, training reseeded)",
+    )
     parser.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     os.chdir(REPO)  # the configs name their models and runs relative to the repository
@@ -176,7 +183,12 @@ def main() -> None:
                 (f"KD, then on-policy lmbda {x} from step {half}", [*s, f"train.on_policy.start_step={half}"])
                 for (_, s), x in zip(variants[2:], args.lmbda)
             ]
-            family_rows += [student(run, cfg, f"{name} {pair}", [*s, f"train.epochs={epochs}"]) for name, s in longer]
+            for seed in [None, *args.train_seeds]:
+                label, reseed = ("", []) if seed is None else (f", train seed {seed}", [f"train.seed={seed}"])
+                family_rows += [
+                    student(run, cfg, f"{name} {pair}{label}", [*s, f"train.epochs={epochs}", *reseed])
+                    for name, s in longer
+                ]
         for row in family_rows:
             row["generate_s"] = round(generate_s, 1)
         family_rows[1]["bytes_per_token"] = manifest(run, "generate")["logprobs"]["bytes_per_token"]

@@ -62,6 +62,17 @@ def test_plan_paper_config_exact_numbers() -> None:
     assert mem["total_chunked"] < mem["total_full_logits"]
 
 
+def test_plan_counts_the_vllm_sampler_beside_training() -> None:
+    on_policy = ["train.objective=on_policy", "train.on_policy.teacher.backend=openai"]
+    plans = [
+        json.loads(invoke_cli("plan", "configs/paper.yaml", *on_policy, *extra, "--json").stdout)["memory_bytes"]
+        for extra in ([], ["train.on_policy.sampler=vllm"])
+    ]
+    engine = 268_098_176 * 2 + 2**30  # on CPU: a bf16 copy of the student and a 1 GiB KV cache
+    assert "sampler_engine" not in plans[0] and plans[1]["sampler_engine"] == engine
+    assert plans[1]["total_chunked"] - plans[0]["total_chunked"] == engine
+
+
 def test_plan_table_and_overrides() -> None:
     result = invoke_cli("plan", "configs/paper.yaml", "train.lora.r=64", "train.grad_accum=4", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr

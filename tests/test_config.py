@@ -88,6 +88,15 @@ def test_stage_fingerprint_tracks_upstream_only(tmp_path: Path) -> None:
     assert base.stage_fingerprint("export") == changed_serve.stage_fingerprint("export")
 
 
+def test_train_seed_reseeds_training_alone(tmp_path: Path) -> None:
+    path = write_config(tmp_path, run_dir=None, seed=3)
+    base, reseeded = load_config(path), load_config(path, ["train.seed=7"])
+    assert (base.train_seed, reseeded.train_seed) == (3, 7)
+    # the same data: generate's output stays valid, training's does not
+    assert base.stage_fingerprint("generate") == reseeded.stage_fingerprint("generate")
+    assert base.stage_fingerprint("train") != reseeded.stage_fingerprint("train")
+
+
 def test_every_field_is_documented() -> None:
     from pydantic import BaseModel
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,7 +88,8 @@ def test_a_student_token_spelling_a_run_of_teacher_tokens_is_judged_as_a_whole()
     assert np.isneginf(out_lp[0, 1:]).all()
 
 
-def test_on_policy_training_samples_under_the_grammar_and_counts_its_cost(tmp_path, tiny_models) -> None:
+@pytest.mark.parametrize("sampler", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_on_policy_training_samples_under_the_grammar_and_counts_its_cost(tmp_path, tiny_models, sampler) -> None:
     import xgrammar
     from datasets import load_from_disk
     from transformers import AutoTokenizer
@@ -98,7 +100,8 @@ def test_on_policy_training_samples_under_the_grammar_and_counts_its_cost(tmp_pa
     from distill.stages import generate, train
     from distill.tasks import load_task
 
-    cfg = load_config(write_config(tmp_path, tiny_models, **KD_RUN, generate=CAPTURE, train=ON_POLICY))
+    train_settings = {**ON_POLICY, "on_policy": {**ON_POLICY["on_policy"], "sampler": sampler}}
+    cfg = load_config(write_config(tmp_path, tiny_models, **KD_RUN, generate=CAPTURE, train=train_settings))
     data = generate.run(cfg)
     out = train.run(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -138,6 +141,35 @@ def test_on_policy_training_samples_under_the_grammar_and_counts_its_cost(tmp_pa
     assert "on-policy distillation" in words and f"{op['sampled_tokens']:,} tokens" in words
 
 
+def test_answers_keep_to_the_ids_the_tokenizer_spells(tiny_models) -> None:
+    """A model whose vocabulary is padded past its tokenizer's, with the padding rows made the likeliest: no
+    padding id is drawn (the teacher could not read it, nor anyone the answer)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.config import OnPolicyConfig
+    from distill.on_policy import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "student")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models / "student", dtype=torch.float32)
+    known = model.config.vocab_size
+    model.resize_token_embeddings(known + 64, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[known:] = 5 * model.get_output_embeddings().weight[:64].abs().max()
+    rollouts = Rollouts.__new__(Rollouts)  # sampling needs the settings, the tokenizer and what it spells
+    rollouts.cfg, rollouts.settings = SimpleNamespace(train=SimpleNamespace(max_length=256)), OnPolicyConfig()
+    rollouts.settings.max_new_tokens = 16
+    rollouts.tokenizer, rollouts.device, rollouts.pad_id = tokenizer, "cpu", tokenizer.pad_token_id
+    rollouts.aligner, rollouts.student_grammars = SimpleNamespace(student_bytes=[b""] * known), None
+    prompt = tokenizer("Plan my next workouts", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        assert model(torch.tensor([prompt])).logits[0, -1].argmax() >= known  # unmasked, padding would win
+    answers = rollouts._sample(model, [prompt, prompt], None, seed=3)
+    assert all(answers) and all(t < known for answer in answers for t in answer)
+
+
 def test_no_answer_of_the_students_is_drawn_before_start_step() -> None:
     from types import SimpleNamespace
 
@@ -145,7 +177,7 @@ def test_no_answer_of_the_students_is_drawn_before_start_step() -> None:
     from distill.on_policy import Rollouts
 
     rollouts = Rollouts.__new__(Rollouts)  # the draw needs only the settings, the seed and the process
-    rollouts.cfg, rollouts.process = SimpleNamespace(seed=0), 0
+    rollouts.cfg, rollouts.process = SimpleNamespace(train_seed=0), 0
     rollouts.settings = OnPolicyConfig(lmbda=1.0, start_step=3)
     assert [rollouts.chosen(step, micro) for step in range(5) for micro in range(2)] == [False] * 6 + [True] * 4
     rollouts.settings = OnPolicyConfig(lmbda=0.5, start_step=3)
@@ -302,3 +334,67 @@ def test_a_vllm_server_scores_as_the_teacher_in_process_does(tmp_path, tiny_mode
         assert result.returncode == 0, result.stderr
         op = json.loads((tmp_path / "runs/kd/train/manifest.json").read_text())["metrics"]["on_policy"]
         assert op["teacher"] == "openai" and op["on_policy_batches"] == 3 and op["coverage"]["mapped"] > 0
+
+
+@pytest.mark.slow
+def test_the_vllm_sampler_draws_from_the_weights_being_trained(tmp_path, tiny_models) -> None:
+    """After a LoRA step the engine's next-token log-probabilities are the trained model's, not the base's;
+    the same seed draws the same answers, and each stops at the student's end of turn."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import SamplingParams, TokensPrompt
+
+    from distill.on_policy import VllmSampler
+
+    cfg = load_config(write_config(tmp_path, tiny_models, train={**ON_POLICY, "max_length": 512}))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "student")
+    base = AutoModelForCausalLM.from_pretrained(tiny_models / "student", dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a trained adapter: B is zero only at the start
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Plan my next workouts"}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+        with model.disable_adapter():
+            untrained = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    set_num_threads = torch.set_num_threads
+    sampler = VllmSampler(cfg, "cpu", torch.float32)
+    assert torch.set_num_threads is set_num_threads  # vLLM's CPU worker replaces it; training's is put back
+    try:
+        first = sampler.sample(model, 7, [prompt, prompt], None, seed=11, known=len(tokenizer))
+        greedy = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+        out = sampler.llm.generate([TokensPrompt(prompt_token_ids=prompt)], greedy, use_tqdm=False)[0].outputs[0]
+        got = {token: lp.logprob for token, lp in out.logprobs[0].items()}
+        for token, logprob in got.items():
+            assert logprob == pytest.approx(float(want[token]), abs=1e-3), token
+        assert max(abs(lp - float(untrained[t])) for t, lp in got.items()) > 1e-2  # the adapter mattered
+        assert sampler.sample(model, 7, [prompt, prompt], None, seed=11, known=len(tokenizer)) == first
+        eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        for answer in first:
+            assert 0 < len(answer) <= ON_POLICY["on_policy"]["max_new_tokens"]
+            assert eot not in answer[:-1]  # nothing after an end of turn
+    finally:
+        sampler.close()
+    assert not Path(sampler.rpc).exists()
+    assert os.environ.get("VLLM_RPC_BASE_PATH") != sampler.rpc  # the process's environment is given back
+
+
+def test_the_vllm_sampler_without_vllm_is_one_line(tmp_path, tiny_models, monkeypatch) -> None:
+    import torch
+
+    from distill.errors import DistillError
+    from distill.on_policy import VllmSampler
+
+    cfg = load_config(write_config(tmp_path, tiny_models, train=ON_POLICY))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where it is not installed
+    with pytest.raises(
+        DistillError, match=r"sampler=vllm: vLLM is not installed; .* set train.on_policy.sampler=transformers"
+    ):
+        VllmSampler(cfg, "cpu", torch.float32)

@@ -262,3 +262,37 @@ def test_unsloth_backend_without_the_package_is_one_line(tmp_path, tiny_models) 
         choose_backend(load_config(path, ["train.backend=unsloth"]))
     assert "\n" not in str(err.value)
     assert choose_backend(load_config(path, ["train.backend=auto"])) == "transformers"
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_accumulating_two_micro_batches_does(tmp_path, tiny_models) -> None:
+    """torchrun, 2 CPU processes (gloo), one example each per step: half the single-process plan's steps, and
+    each step trains on the two examples one process takes with grad_accum 2 (the Trainer hands the processes
+    alternate micro-batches of the same order), normalised by the tokens of both: the same losses and adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    # plain AdamW: 8-bit AdamW's block quantization turns float-order noise in the gradients into whole steps
+    settings = {"batch_size": 1, "epochs": 1, "save_steps": 100, "logging_steps": 1, "optim": "adamw_torch"}
+    for name in ("ddp", "one"):
+        (tmp_path / name).mkdir()
+    ddp = make_run(tmp_path / "ddp", tiny_models, n=32, grad_accum=1, **settings)
+    one = make_run(tmp_path / "one", tiny_models, n=32, grad_accum=2, **settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "distill.cli", "train", str(ddp)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert invoke_cli("train", str(one)).returncode == 0
+    folders = [tmp_path / name / "runs/t/train" for name in ("ddp", "one")]
+    (md, mo) = (json.loads((f / "manifest.json").read_text())["metrics"] for f in folders)
+    assert (md["processes"], md["steps"], md["planned_steps"], md["plan_steps"]) == (2, 16, 16, 32)
+    assert (mo["processes"], mo["steps"]) == (1, 16)
+    assert md["train_tokens"] == mo["train_tokens"]  # the token count is summed over both processes
+    ld, lo = ([json.loads(line)["loss"] for line in (f / "log.jsonl").read_text().splitlines()] for f in folders)
+    assert len(ld) == 16 and ld == pytest.approx(lo, rel=1e-4)
+    ad, ao = (load_file(f / "adapter/adapter_model.safetensors") for f in folders)
+    assert ad.keys() == ao.keys() and ad
+    for name in ad:
+        assert torch.allclose(ad[name], ao[name], atol=1e-6), name  # measured: ~1e-8
+    assert not any(v.abs().sum() == 0 for n, v in ad.items() if "lora_B" in n)  # it trained

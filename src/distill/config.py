@@ -365,6 +365,19 @@ class OnPolicyConfig(Strict):
     beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher (divergence jsd).")
     temperature: float = Field(1.0, gt=0, description="Student sampling temperature (no top-k/top-p).")
     max_new_tokens: int = Field(512, ge=1, description="Longest sampled answer (also bounded by train.max_length).")
+    sampler: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What draws the student's answers: transformers' generate on the model being trained, or a "
+        "vLLM engine in the training process that gets the trained weights before each draw (faster decoding; "
+        "its memory comes on top of training's).",
+    )
+    vllm_memory: float = Field(
+        0.2,
+        gt=0,
+        le=0.9,
+        description="sampler=vllm on a GPU: the engine's share of its memory (weights and KV cache), on top of "
+        "training's (on CPU the engine keeps a 1 GiB KV cache).",
+    )
     grammar: bool = Field(
         True,
         description="Sample under each input's grammar and score the teacher under it too (its distribution "
@@ -397,6 +410,12 @@ class TrainConfig(Strict):
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
     batch_size: int = Field(4, ge=1, description="Per-device batch size.")
     grad_accum: int = Field(2, ge=1, description="Gradient accumulation steps.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Training's own seed (data order, adapter init, on-policy draws); default: the run's seed. "
+        "Vary it to measure training's spread over seeds on the same data, without generating it again.",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
@@ -567,6 +586,11 @@ class PipelineConfig(Strict):
         """How to repeat this config on the command line, for error messages."""
         parts = [str(self._source) if self._source else "CONFIG", *self._overrides]
         return " ".join(parts)
+
+    @property
+    def train_seed(self) -> int:
+        """What seeds training: train.seed where set, else the run's seed."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     def stage_fingerprint(self, stage: str) -> str:
         """Hash of the settings a stage's output depends on; a change means the output is stale."""

@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -261,6 +263,8 @@ class Rollouts:
             self.scorer = ServerTeacher(o.teacher, o.teacher.model or cfg.models.teacher, k, probe)
             config = AutoConfig.from_pretrained(cfg.models.teacher)
             vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+        # at the start, not at the first draw: a missing vLLM or a card without room for it is told before training
+        self.engine = VllmSampler(cfg, device, dtype) if o.sampler == "vllm" else None
         if o.grammar:
             from distill.tasks import load_task
 
@@ -272,7 +276,7 @@ class Rollouts:
     def chosen(self, step: int, micro: int) -> bool:
         if step < self.settings.start_step:
             return False
-        draw = random.Random(f"{self.cfg.seed}/{step}/{micro}/{self.process}").random()
+        draw = random.Random(f"{self.cfg.train_seed}/{step}/{micro}/{self.process}").random()
         return draw < self.settings.lmbda
 
     def prepare(self, model: Any, batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
@@ -284,7 +288,7 @@ class Rollouts:
         return self._on_policy(model, batch, rows, step, micro)
 
     def _seed(self, step: int, micro: int) -> int:
-        return random.Random(f"sample/{self.cfg.seed}/{step}/{micro}/{self.process}").getrandbits(63)
+        return random.Random(f"sample/{self.cfg.train_seed}/{step}/{micro}/{self.process}").getrandbits(63)
 
     # ── building one on-policy micro-batch ──
 
@@ -304,7 +308,11 @@ class Rollouts:
             grammars = [task_grammar(self.task, json.loads(payload)) for _, _, payload in rows]
             grammars = grammars if all(g is not None for g in grammars) else None
         started = time.perf_counter()
-        answers = self._sample(model, prompts, grammars, self._seed(step, micro))
+        if self.engine is not None:
+            known = len(self.aligner.student_bytes)
+            answers = self.engine.sample(model, step, prompts, grammars, self._seed(step, micro), known)
+        else:
+            answers = self._sample(model, prompts, grammars, self._seed(step, micro))
         self.cost.sampling_s += time.perf_counter() - started
         started = time.perf_counter()
         parts = [
@@ -366,7 +374,7 @@ class Rollouts:
         for i, p in enumerate(prompts):  # left-padded: every row continues from its last prompt token
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        processors = []
+        processors = [_Spelled(len(self.aligner.student_bytes))]
         if grammars is not None:
             self.student_grammars = self.student_grammars or HFGrammars(model, self.tokenizer, stops)
             processors.append(self.student_grammars.processor(grammars))
@@ -524,6 +532,142 @@ class Rollouts:
     def close(self) -> None:
         if isinstance(self.scorer, ServerTeacher):
             self.scorer.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+class VllmSampler:
+    """The student's answers drawn by a vLLM engine in this process (train.on_policy.sampler=vllm), holding the
+    weights being trained: they are pushed into the engine before the first draw after each optimizer step
+    (LoRA merged on the way, the model itself untouched). The draw is seeded through torch's generator, which
+    vLLM's sampler uses for requests without a seed of their own: the same weights draw the same answers."""
+
+    def __init__(self, cfg: PipelineConfig, device: Any, dtype: Any):
+        import torch
+
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise DistillError(
+                "train.on_policy.sampler=vllm: vLLM is not installed; `pip install vllm` (CUDA) or the CPU build, or "
+                "set train.on_policy.sampler=transformers"
+            ) from None
+        o = cfg.train.on_policy
+        cuda = torch.device(device).type == "cuda"
+        self.rpc = tempfile.mkdtemp(prefix="distill-vllm-")  # its IPC sockets, removed by close()
+        # the engine core in this process (the weights are handed over by reference, not pickled to another one);
+        # vLLM reads these from the environment, which close() gives back as it was
+        settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_RPC_BASE_PATH": self.rpc}
+        if not cuda:
+            settings["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB: ~29k tokens of Gemma-3-270M, fp32
+        self.environ = {key: os.environ.get(key) for key in settings}
+        os.environ.update(settings)
+        kwargs: dict[str, Any] = {
+            "model": cfg.models.student,
+            "dtype": str(dtype).removeprefix("torch."),  # the trained weights go in as they are
+            "max_model_len": cfg.train.max_length,
+            "seed": cfg.train_seed,
+            "enforce_eager": not cuda,  # CUDA graphs survive an in-place reload; on CPU there are none to capture
+        }
+        if cuda:
+            kwargs["gpu_memory_utilization"] = o.vllm_memory
+        # vLLM's CPU worker makes torch.set_num_threads a no-op for the whole process: training's is put back
+        set_num_threads = torch.set_num_threads
+        try:
+            # the engine seeds torch: training's own draws (dropout, the data order) go on as they were
+            with torch.random.fork_rng(devices=[device] if cuda else []):
+                self.llm = LLM(**kwargs)
+        except BaseException:
+            self._restore()
+            raise
+        finally:
+            torch.set_num_threads = set_num_threads
+        self.settings, self.device, self.cuda, self.synced = o, device, cuda, -1
+
+    def sample(
+        self, model: Any, step: int, prompts: list[list[int]], grammars: list[Any] | None, seed: int, known: int
+    ) -> list[list[int]]:
+        """One answer per prompt, from ids below `known` (those the tokenizer spells; see _Spelled)."""
+        import torch
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if self.synced != step:
+            self._push(model)
+            self.synced = step
+        eos = model.generation_config.eos_token_id
+        stops = [eos] if isinstance(eos, int) else list(eos or [])
+        limit = self.llm.llm_engine.model_config.max_model_len
+        rows = self.llm.llm_engine.model_config.get_vocab_size()
+        allowed = list(range(known)) if known < rows else None
+        params = []
+        for i, prompt in enumerate(prompts):
+            p = SamplingParams(
+                temperature=self.settings.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_tokens=min(self.settings.max_new_tokens, limit - len(prompt)),
+                stop_token_ids=stops,
+                detokenize=False,
+                allowed_token_ids=allowed,
+            )
+            if grammars is not None:
+                p.structured_outputs = StructuredOutputsParams(grammar=grammars[i].gbnf)
+            params.append(p)
+        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+            torch.manual_seed(seed)
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def _push(self, model: Any) -> None:
+        """The trained weights into the engine, under the names of the student's checkpoint."""
+        import torch
+
+        weights = []
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                base = getattr(module, "base_layer", None)
+                if base is not None and hasattr(module, "get_delta_weight"):  # a LoRA layer: W + the adapter's delta
+                    merged = base.weight + sum(module.get_delta_weight(a) for a in module.active_adapters)
+                    weights.append((_checkpoint_name(f"{name}.weight"), merged))
+            merged_names = {n for n, _ in weights}
+            for name, tensor in model.state_dict().items():
+                key = _checkpoint_name(name)
+                if "lora_" not in name and key not in merged_names:
+                    weights.append((key, tensor))
+        # in place, through the loader's own processing (the CPU build repacks weights after loading them)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        del self.llm
+        self._restore()
+
+    def _restore(self) -> None:
+        shutil.rmtree(self.rpc, ignore_errors=True)
+        for key, value in self.environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _Spelled:
+    """A logits processor that leaves only the ids the student's tokenizer spells: a model's vocabulary is often
+    padded past its tokenizer's (Qwen 3: 151,936 rows for 151,669 tokens), and a padding row drawn at temperature
+    1 is an answer no one can read, nor the teacher judge."""
+
+    def __init__(self, known: int):
+        self.known = known
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores[:, self.known :] = float("-inf")
+        return scores
+
+
+def _checkpoint_name(name: str) -> str:
+    """A parameter's name in the student's own checkpoint: without peft's wrappers."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _all_processes(values: list[float], how: str, exact: bool = True) -> list[float]:

@@ -235,6 +235,18 @@ def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
         for key in ("total_chunked", "total_full_logits"):
             memory[key] += sum(extra.values())
         memory.update(extra)
+    if cfg.train.objective == "on_policy" and o.sampler == "vllm":
+        import torch
+
+        # vLLM's engine beside training: on a GPU its share of the card (weights and KV cache), on CPU a copy of
+        # the student's weights and its 1 GiB KV cache
+        engine = base * BYTES[precision] + 2**30
+        if torch.cuda.is_available():
+            engine = int(o.vllm_memory * torch.cuda.get_device_properties(0).total_memory)
+        memory = plan["memory_bytes"]
+        for key in ("total_chunked", "total_full_logits"):
+            memory[key] += engine
+        memory["sampler_engine"] = engine
     g = cfg.generate
     if g.logprobs:
         # every generated example keeps it, held-out ones included; the answer length is the teacher's (or, from

@@ -135,13 +135,15 @@ def objective_words(m: TrainMetrics) -> str:
         c = op.coverage
         where = "in the training process" if op.teacher == "transformers" else "on a vLLM server"
         offline = offline_words(kd) if kd else "cross-entropy on the teacher's text (the data has no distribution)"
+        judged = op.teacher_nll_per_token
+        judgement = f"; {judged:.3f} nats per student token" if judged is not None else ""
         return (
             f"Objective: on-policy distillation. {op.share:.0%} of {op.on_policy_batches + op.offline_batches:,} "
             f"micro-batches (lmbda {op.lmbda}{f' from step {op.start_step}' if op.start_step else ''}) were the "
             f"student's own answers: {op.rows:,} sampled "
             f"{'under the task grammar' if op.grammar else 'free'} at temperature {op.temperature} "
             f"({op.sampled_tokens:,} tokens), scored by the teacher {where} ({op.scored_tokens:,} tokens"
-            f"{f'; {op.teacher_nll_per_token:.3f} nats per student token' if op.teacher_nll_per_token is not None else ''}) and "
+            f"{judgement}) and "
             f"trained on {op.divergence}{f' (beta {op.beta})' if op.divergence == 'jsd' else ''} alone; "
             f"{c.share:.0%} of the sampled tokens had the teacher's judgement (same tokenizer {c.direct:,}, mapped "
             f"by text {c.mapped:,}, a run of the teacher's tokens {c.span or 0:,}, ULD {c.uld:,}; none {c.none:,}). "

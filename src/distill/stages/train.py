@@ -224,7 +224,7 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, An
             lora_dropout=t.lora.dropout,
             target_modules=t.lora.target_modules,
             bias="none",
-            random_state=cfg.seed,
+            random_state=cfg.train_seed,
             use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
         )
         return model, tokenizer
@@ -351,8 +351,8 @@ def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Pat
         save_steps=t.save_steps,
         save_total_limit=2,
         logging_steps=t.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=cfg.train_seed,
+        data_seed=cfg.train_seed,
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -382,7 +382,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             ensure_models(cfg)
     if record is None:
         return folder
-    set_seed(cfg.seed)
+    set_seed(cfg.train_seed)
     rows = load_dataset_split(cfg)
     stored = check_distribution(cfg, rows) if t.objective != "sft" else False
     model, tokenizer = load_student(cfg, backend, bf16)

@@ -62,6 +62,34 @@ def test_plan_paper_config_exact_numbers() -> None:
     assert mem["total_chunked"] < mem["total_full_logits"]
 
 
+def test_plan_recomputes_activations_only_where_the_card_needs_it(monkeypatch) -> None:
+    """train.gradient_checkpointing=auto: always on CPU; on CUDA by the planned memory of training without it
+    against half the card (the paper's shape plans 6.4 GiB without it: off on an 80 GiB card, on for 6 GiB)."""
+    import torch
+
+    from distill.config import load_config
+    from distill.plan import build_plan
+
+    cfg = load_config(REPO / "configs/paper.yaml", ["train.gradient_checkpointing=auto"])
+    on_cpu = build_plan(cfg)
+    assert on_cpu["gradient_checkpointing"] is True
+    chosen = {}
+    for card_gib in (80, 6):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda i, g=card_gib: type("P", (), {"total_memory": g * 2**30})
+        )
+        plan = build_plan(cfg)
+        chosen[card_gib] = plan["gradient_checkpointing"]
+        if not plan["gradient_checkpointing"]:
+            kept = plan["memory_bytes"]["activations"]
+            assert kept > on_cpu["memory_bytes"]["activations"]  # every layer's activations, not only inputs
+            assert 2 * plan["memory_bytes"]["total_chunked"] <= card_gib * 2**30
+    assert chosen == {80: False, 6: True}
+    explicit = load_config(REPO / "configs/paper.yaml", ["train.gradient_checkpointing=false"])
+    assert build_plan(explicit)["gradient_checkpointing"] is False  # a setting is a setting, on any machine
+
+
 def test_plan_counts_the_vllm_sampler_beside_training() -> None:
     on_policy = ["train.objective=on_policy", "train.on_policy.teacher.backend=openai"]
     plans = [

@@ -86,6 +86,9 @@ def test_stage_fingerprint_tracks_upstream_only(tmp_path: Path) -> None:
     assert base.stage_fingerprint("merge") != changed_train.stage_fingerprint("merge")
     changed_serve = load_config(path, ["serve.requests=3"])
     assert base.stage_fingerprint("export") == changed_serve.stage_fingerprint("export")
+    # how batches are laid out and which attention kernel runs train the same model (tests/test_train.py)
+    packed = load_config(path, ["train.packing=true", "train.attention=eager"])
+    assert base.stage_fingerprint("train") == packed.stage_fingerprint("train")
 
 
 def test_train_seed_reseeds_training_alone(tmp_path: Path) -> None:

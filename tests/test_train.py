@@ -127,6 +127,105 @@ def test_chunked_response_loss_equals_full_logits_loss(tiny_models, softcap) -> 
         assert torch.allclose(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
+def test_packed_batch_trains_what_the_padded_batch_does(tiny_models, attention) -> None:
+    """Examples of different lengths, longer than the sliding window, through LoRA on the student: one packed
+    row gives the padded batch's loss and gradients (cross-entropy and distillation), so no example saw
+    another, and the sliding window still holds inside each."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.kd import EXACT, ULD
+    from distill.loss import KdSettings, attach_response_loss
+    from distill.sft_data import IGNORE, Collator, encode_example
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "student")
+    rows = [vars(encode_example(tok, r["prompt"], r["response"], 4096, r["id"])) for r in examples(3)]
+    rows[1] = {k: v[:-40] if isinstance(v, list) else v for k, v in rows[1].items()}  # lengths differ
+    padded, packed = Collator(tok.pad_token_id)(rows), Collator(tok.pad_token_id, pack=True)(rows)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert packed["labels"][0, 0] == IGNORE and packed["labels"][0, lengths[0]] == IGNORE  # each begins unlabelled
+    torch.manual_seed(0)
+    n = int((padded["labels"][:, 1:] != IGNORE).sum())
+    k = 3
+    teacher = {
+        "kd_ids": torch.randint(0, len(tok), (n, k)),
+        "kd_logprobs": torch.log_softmax(torch.randn(n, k + 1), dim=-1)[:, :k],
+        "kd_route": torch.tensor([(EXACT, ULD)[i % 2] for i in range(n)]),
+    }
+    teacher["kd_ids"][teacher["kd_route"] == ULD] = -1
+
+    results = []
+    for batch in (padded, packed):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_models / "student", dtype=torch.float32, attn_implementation=attention
+        )
+        model.config.sliding_window = 16  # far shorter than the examples
+        assert min(lengths) > 4 * model.config.sliding_window
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        torch.manual_seed(1)
+        model = get_peft_model(model, lora)
+        lm = model.base_model.model
+        out = []
+        for kd in (None, KdSettings("jsd", 0.5, 1.0, 0.5)):
+            attach_response_loss(lm, chunk_size=37, kd=kd)
+            # FlexAttention has no backward on CPU: its mask is checked through the loss alone here
+            with torch.set_grad_enabled(attention != "flex_attention"):
+                loss = model(**batch, **(teacher if kd else {})).loss
+            trained = [p for p in model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, trained) if loss.requires_grad else ()
+            out.append((loss.detach(), grads))
+        results.append(out)
+    for (loss_padded, grads_padded), (loss_packed, grads_packed) in zip(*results):
+        assert torch.allclose(loss_packed, loss_padded, rtol=1e-5), (loss_packed, loss_padded)
+        for got, want in zip(grads_packed, grads_padded):
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
+
+
+def test_packing_refuses_a_student_whose_attention_mixes_packed_examples(tiny_models, monkeypatch) -> None:
+    """The check before packed training: where the attention mask ignores the restarting position ids (as an
+    architecture that builds its own causal mask would), training is refused in one line."""
+    import torch
+    import transformers.masking_utils
+    from transformers import AutoModelForCausalLM
+
+    from distill.stages.train import check_packing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models / "student", dtype=torch.float32).train()
+    check_packing(model, "cpu")
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(DistillError, match="train.packing: gemma3_text with sdpa attention lets packed examples see"):
+        check_packing(model, "cpu")
+    assert model.training  # given back as it was
+
+
+@pytest.mark.slow
+def test_packed_training_learns_what_padded_training_does(tmp_path, tiny_models) -> None:
+    """`distill train` with train.packing against the same run padded: the same steps, tokens, per-step losses
+    and adapter (plain AdamW, as in the DDP test: 8-bit AdamW turns float-order noise into whole steps)."""
+    import torch
+    from safetensors.torch import load_file
+
+    settings = {"epochs": 1, "save_steps": 100, "optim": "adamw_torch"}
+    runs = {}
+    for packing in (False, True):
+        (tmp_path / str(packing)).mkdir()
+        path = make_run(tmp_path / str(packing), tiny_models, n=16, packing=packing, **settings)
+        assert invoke_cli("train", str(path)).returncode == 0
+        runs[packing] = tmp_path / str(packing) / "runs/t/train"
+    (mp, mu) = (json.loads((runs[k] / "manifest.json").read_text())["metrics"] for k in (True, False))
+    assert (mp["steps"], mp["train_tokens"]) == (mu["steps"], mu["train_tokens"]) == (2, mu["train_tokens"])
+    lp, lu = ([json.loads(line)["loss"] for line in (runs[k] / "log.jsonl").read_text().splitlines()] for k in (1, 0))
+    assert len(lp) == 2 and lp == pytest.approx(lu, rel=1e-4)
+    ap, au = (load_file(runs[k] / "adapter/adapter_model.safetensors") for k in (True, False))
+    assert ap.keys() == au.keys() and ap
+    for name in ap:
+        assert torch.allclose(ap[name], au[name], atol=1e-6), name
+
+
 @pytest.mark.slow
 def test_train_lowers_loss_changes_only_lora_and_uses_8bit_adamw(tmp_path, tiny_models) -> None:
     import torch
@@ -262,6 +361,10 @@ def test_unsloth_backend_without_the_package_is_one_line(tmp_path, tiny_models) 
         choose_backend(load_config(path, ["train.backend=unsloth"]))
     assert "\n" not in str(err.value)
     assert choose_backend(load_config(path, ["train.backend=auto"])) == "transformers"
+    # packing keeps to what is wired for it
+    with pytest.raises(DistillError, match="train.packing: the student's own answers .* set train.packing=false"):
+        choose_backend(load_config(path, ["train.packing=true", "train.objective=on_policy"]))
+    assert choose_backend(load_config(path, ["train.packing=true"])) == "transformers"
 
 
 @pytest.mark.slow

@@ -268,7 +268,7 @@ def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = F
                     f"top-{value['k']}, {value['bytes_per_token']} B/token x {value['tokens_per_example']:,.0f} "
                     f"tokens/example ({value['tokens_source']}) = {value['bytes'] / 2**30:,.2f} GiB",
                 )
-            elif isinstance(value, int):
+            elif isinstance(value, int) and not isinstance(value, bool):
                 table.add_row(key, f"{value:,}")
             else:
                 table.add_row(key, str(value))

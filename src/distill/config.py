@@ -427,9 +427,23 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 where the hardware supports it, else fp32 (fp16 overflows Gemma 3)."
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory. auto = on CPU always; on CUDA "
+        "only when `distill plan` estimates that keeping them would fill more than half the card.",
+    )
     loss_chunk_size: int = Field(1024, ge=1, description="Response positions per cross-entropy chunk.")
     group_by_length: bool = Field(True, description="Batch similar lengths together to cut padding.")
+    packing: bool = Field(
+        False,
+        description="Padding-free batches: a micro-batch's examples in one row, each attending only to itself "
+        "(position ids restart per example). Same loss and gradients; no padding computed.",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto",
+        description="The student's attention kernel in training. auto = flex_attention for packed batches on CUDA "
+        "(it skips the blocks between examples), else transformers' default.",
+    )
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimizer steps.")
     logging_steps: int = Field(10, ge=1, description="Log every N optimizer steps.")
 
@@ -601,6 +615,9 @@ class PipelineConfig(Strict):
         # (raising the budget after a shortfall continues the same run)
         for key in ("engine", "ray", "max_attempts_factor"):
             subset.get("generate", {}).pop(key, None)
+        # nor how training lays out its batches or which attention kernel runs: the same learning either way
+        for key in ("packing", "attention"):
+            subset.get("train", {}).pop(key, None)
         return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -259,10 +259,10 @@ class KdCollator:
     """The SFT batch plus, for every trainable label in order, the teacher's targets (kd_ids, kd_logprobs,
     kd_route): the layout the distillation loss reads."""
 
-    def __init__(self, pad_id: int, aligner: Aligner):
+    def __init__(self, pad_id: int, aligner: Aligner, pack: bool = False):
         from distill.sft_data import Collator
 
-        self.sft = Collator(pad_id)
+        self.sft = Collator(pad_id, pack)
         self.aligner = aligner
 
     @property

@@ -244,7 +244,11 @@ def attach_response_loss(
         num_items = kwargs.pop("num_items_in_batch", None)
         mode = kwargs.pop("kd_mode", "offline")
         settings = on_policy if mode == "on_policy" else None if mode == "text" else kd
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # position ids are given only for packed batches (sft_data.Collator): they mark where each example starts
+        position_ids = kwargs.get("position_ids")
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         if settings is None:
             total, count = response_loss_sum(hidden, labels, lm_head, chunk_size, softcap)
         else:

@@ -112,6 +112,9 @@ class TrainMetrics(Metrics):
     backend: str | None = None
     precision: str | None = None
     optimizer: str | None = None
+    attention: str | None = None  # the attention kernel transformers ran
+    packing: bool | None = None
+    gradient_checkpointing: bool | None = None  # as train.gradient_checkpointing=auto resolved it
     processes: int | None = None
     examples: int | None = None
     truncated: int | None = None  # examples whose answer lost its end to train.max_length

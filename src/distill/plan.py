@@ -131,11 +131,9 @@ def example_lengths(cfg: PipelineConfig, stats: dict[str, Any] | None) -> dict[s
 def _measured_examples(cfg: PipelineConfig, stats: dict[str, Any] | None) -> tuple[list[tuple[str, Any]], str]:
     """(prompt, answer or None) pairs to measure, and where they come from, in words."""
     if stats is not None:
-        from datasets import load_from_disk
+        from distill.stages.train import load_dataset_split
 
-        from distill.artifacts import stage_dir
-
-        rows = load_from_disk(str(stage_dir(cfg, "generate") / "dataset"))["train"]
+        rows = load_dataset_split(cfg)  # what training reads, with its one-line errors
         step = max(1, -(-len(rows) // MEASURED))
         sample = rows.select(range(0, len(rows), step))
         pairs = list(zip(sample["prompt"], sample["response"]))
@@ -152,6 +150,21 @@ def _measured_examples(cfg: PipelineConfig, stats: dict[str, Any] | None) -> tup
     answered = all(answer is not None for _, answer in pairs)
     what = "prompts and reference answers" if answered else "prompts only (no reference answers)"
     return pairs, f"{len(pairs)} task inputs, {what}"
+
+
+def checkpointing(cfg: PipelineConfig, without: int) -> bool:
+    """train.gradient_checkpointing, where auto is resolved from `without`, the planned bytes of training that
+    keeps every layer's activations. On CUDA recompute only when that would not fit in half the card: the
+    estimate counts the main activations only, and the other half leaves room for what it leaves out. On CPU
+    always: the memory is the machine's own, shared with everything else running on it."""
+    import torch
+
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    if not torch.cuda.is_available():
+        return True
+    return without > torch.cuda.get_device_properties(0).total_memory / 2
 
 
 def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
@@ -193,7 +206,7 @@ def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
     # With checkpointing only each layer's input is kept, plus one layer's working set at a time.
     per_layer = batch * seq_len * hidden * BYTES[precision]
     working = batch * seq_len * (4 * hidden + 2 * mlp) * BYTES[precision]
-    activations = (layers * per_layer + working) if cfg.train.gradient_checkpointing else layers * working
+    kept = {True: layers * per_layer + working, False: layers * working}
     logits_full = batch * seq_len * vocab * 4 * 2  # fp32 logits and their gradient
     logits_chunked = min(cfg.train.loss_chunk_size, batch * seq_len) * vocab * 4 * 2
     plan: dict[str, Any] = {
@@ -214,11 +227,11 @@ def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
         "memory_bytes": {
             "weights": weights,
             "optimizer_and_grads": optimizer,
-            "activations": activations,
+            "activations": 0,  # below, once train.gradient_checkpointing is resolved
             "logits_full_vocab": logits_full,
             "logits_chunked": logits_chunked,
-            "total_chunked": weights + optimizer + activations + logits_chunked,
-            "total_full_logits": weights + optimizer + activations + logits_full,
+            "total_chunked": weights + optimizer + logits_chunked,
+            "total_full_logits": weights + optimizer + logits_full,
         },
     }
     o = cfg.train.on_policy
@@ -247,6 +260,12 @@ def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
         for key in ("total_chunked", "total_full_logits"):
             memory[key] += engine
         memory["sampler_engine"] = engine
+    memory = plan["memory_bytes"]
+    recompute = checkpointing(cfg, memory["total_chunked"] + kept[False])
+    plan["gradient_checkpointing"] = recompute
+    memory["activations"] = kept[recompute]
+    for key in ("total_chunked", "total_full_logits"):
+        memory[key] += kept[recompute]
     g = cfg.generate
     if g.logprobs:
         # every generated example keeps it, held-out ones included; the answer length is the teacher's (or, from

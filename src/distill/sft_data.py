@@ -72,15 +72,31 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int, 
 
 
 class Collator:
-    """Right-pads a batch to its longest example (length-grouped batches keep that short); counts samples."""
+    """Right-pads a batch to its longest example (length-grouped batches keep that short); counts samples.
 
-    def __init__(self, pad_id: int):
+    With `pack`, the batch's examples are laid end to end in one row instead, with position ids that restart
+    at each example (transformers reads those as the examples' boundaries and keeps each one's attention to
+    itself), and no padding. The loss sees the same positions: the last token of one example predicts the
+    next example's first, a prompt token, whose label is -100."""
+
+    def __init__(self, pad_id: int, pack: bool = False):
         self.pad_id = pad_id
+        self.pack = pack
         self.samples_seen = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        self.samples_seen += len(rows)
+        if self.pack:
+            ids = [i for r in rows for i in r["input_ids"]]
+            labels = [label for r in rows for label in r["labels"]]
+            positions = [p for r in rows for p in range(len(r["input_ids"]))]
+            return {
+                "input_ids": torch.tensor([ids]),
+                "position_ids": torch.tensor([positions]),
+                "labels": torch.tensor([labels]),
+            }
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -90,5 +106,4 @@ class Collator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        self.samples_seen += len(rows)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

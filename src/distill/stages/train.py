@@ -43,8 +43,18 @@ def choose_backend(cfg: PipelineConfig) -> str:
             "train.backend=unsloth: train.objective=on_policy samples through transformers' generate, which is not "
             "wired to Unsloth; use train.backend=transformers"
         )
+    if cfg.train.packing and cfg.train.objective == "on_policy":
+        raise DistillError(
+            "train.packing: the student's own answers (train.objective=on_policy) are drawn and trained row by row; "
+            "set train.packing=false"
+        )
+    if wanted == "unsloth" and cfg.train.packing:
+        raise DistillError(
+            "train.backend=unsloth: train.packing is not wired to Unsloth's attention; use train.backend=transformers "
+            "or train.packing=false"
+        )
     if wanted == "auto":
-        fits = cfg.train.method == "lora" and cfg.train.objective != "on_policy"
+        fits = cfg.train.method == "lora" and cfg.train.objective != "on_policy" and not cfg.train.packing
         return "unsloth" if has_unsloth and torch.cuda.is_available() and fits else "transformers"
     return wanted
 
@@ -173,7 +183,7 @@ def attach_objective(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if t.objective == "sft":
         attach_response_loss(causal_lm_of(model), t.loss_chunk_size)
-        return Collator(pad_id), None, None
+        return Collator(pad_id, t.packing), None, None
     aligner = load_aligner(cfg.models.teacher, tokenizer, uld=t.kd.unmapped == "uld", align=t.kd.align)
     settings = KdSettings(t.kd.divergence, t.kd.beta, t.kd.temperature, t.kd.alpha)
     coverage = kd_coverage(dataset, aligner) if stored else None
@@ -198,11 +208,11 @@ def attach_objective(
         inner = KdCollator(pad_id, aligner) if stored else Collator(pad_id)
         return RolloutCollator(inner), coverage, rollouts
     attach_response_loss(causal_lm_of(model), t.loss_chunk_size, settings)
-    return KdCollator(pad_id, aligner), coverage, None
+    return KdCollator(pad_id, aligner, t.packing), coverage, None
 
 
-def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, Any]:
-    """The student with adapters (or fully trainable) and its tokenizer."""
+def load_student(cfg: PipelineConfig, backend: str, bf16: bool, recompute: bool) -> tuple[Any, Any]:
+    """The student with adapters (or fully trainable) and its tokenizer; `recompute`: gradient checkpointing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -225,13 +235,15 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, An
             target_modules=t.lora.target_modules,
             bias="none",
             random_state=cfg.train_seed,
-            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
+            use_gradient_checkpointing="unsloth" if recompute else False,
         )
         return model, tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.student)
     # Gemma 3 overflows in fp16; bf16 where the hardware has it, else fp32.
-    model = AutoModelForCausalLM.from_pretrained(cfg.models.student, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.models.student, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attention_kernel(cfg)
+    )
     if t.method == "full":
         return model, tokenizer
     from peft import LoraConfig, get_peft_model
@@ -245,6 +257,47 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool) -> tuple[Any, An
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def attention_kernel(cfg: PipelineConfig) -> str | None:
+    """train.attention, where auto is resolved; None leaves transformers' default."""
+    import torch
+
+    if cfg.train.attention != "auto":
+        return cfg.train.attention
+    # sdpa and eager take a packed row's boundaries as a dense mask and compute attention across the whole row
+    return "flex_attention" if cfg.train.packing and torch.cuda.is_available() else None
+
+
+def check_packing(model: Any, device: Any) -> None:
+    """Fail before training if the student's attention lets packed examples see each other: two short examples
+    run packed must give the second the hidden states it has alone. Architectures that build their own causal
+    mask, ignoring where position ids restart, fail here instead of training on a corrupted context."""
+    import torch
+
+    lm = causal_lm_of(model)
+    decoder = getattr(lm, lm.base_model_prefix)
+    vocab = lm.config.get_text_config().vocab_size
+    first, second = [(7 + 13 * i) % vocab for i in range(5)], [(11 + 17 * i) % vocab for i in range(7)]
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.no_grad():
+            alone = decoder(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0]
+            packed = decoder(
+                input_ids=torch.tensor([first + second], device=device),
+                position_ids=torch.tensor([[*range(5), *range(7)]], device=device),
+                use_cache=False,
+            ).last_hidden_state[0, 5:]
+    finally:
+        model.train(was_training)
+    gap = float((packed.float() - alone.float()).abs().max() / alone.float().abs().max().clamp_min(1e-6))
+    # bf16 kernels differ by rounding; an example that sees another's tokens differs by the size of the states
+    if gap > (0.05 if alone.dtype == torch.bfloat16 else 1e-3):
+        raise DistillError(
+            f"train.packing: {lm.config.model_type} with {lm.config._attn_implementation} attention lets packed "
+            f"examples see each other (hidden states differ by {gap:.2g} of their size); set train.packing=false"
+        )
 
 
 def causal_lm_of(model: Any) -> Any:
@@ -321,7 +374,7 @@ def plot_loss(log_path: Path, target: Path) -> None:
     plt.close(fig)
 
 
-def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Path) -> Any:
+def training_args(cfg: PipelineConfig, backend: str, bf16: bool, recompute: bool, output_dir: Path) -> Any:
     import torch
     from transformers import TrainingArguments
 
@@ -342,7 +395,7 @@ def training_args(cfg: PipelineConfig, backend: str, bf16: bool, output_dir: Pat
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         bf16=bf16,
-        gradient_checkpointing=t.gradient_checkpointing and backend != "unsloth",  # Unsloth brings its own
+        gradient_checkpointing=recompute and backend != "unsloth",  # Unsloth brings its own
         gradient_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
@@ -367,14 +420,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     require_inputs(cfg, "train")  # before the imports below: a missing input is told at once
     from transformers import Trainer, set_seed
 
-    from distill.plan import train_steps
+    from distill.plan import build_plan, train_steps
 
     t = cfg.train
     backend = choose_backend(cfg)
     bf16 = use_bf16(cfg)
+    plan = build_plan(cfg)
     # The Trainer's arguments set up data parallelism (under torchrun / accelerate launch every process
     # runs this function); only the main process may clear or claim the folder and build models.
-    args = training_args(cfg, backend, bf16, checkpoints)
+    args = training_args(cfg, backend, bf16, plan["gradient_checkpointing"], checkpoints)
     main = args.process_index == 0
     with args.main_process_first(local=False, desc="preparing the train folder"):
         record = open_stage(cfg, "train", overwrite and main)
@@ -385,7 +439,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
     set_seed(cfg.train_seed)
     rows = load_dataset_split(cfg)
     stored = check_distribution(cfg, rows) if t.objective != "sft" else False
-    model, tokenizer = load_student(cfg, backend, bf16)
+    model, tokenizer = load_student(cfg, backend, bf16, plan["gradient_checkpointing"])
     dataset, truncated, skipped = tokenize(cfg, tokenizer, rows)
     if truncated:
         log.warning(
@@ -403,7 +457,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False) -> Path:
             ", ".join(skipped[:3]),
             ", ..." if len(skipped) > 3 else "",
         )
-    plan = check_plan(cfg, model)
+    if t.packing:
+        check_packing(model, args.device)
+    check_plan(plan, model)
     steps = train_steps(len(dataset), cfg, world_size=args.world_size)
     if len(rows) != plan["examples"]:
         log.warning("train split has %d examples, the plan counted %d", len(rows), plan["examples"])
@@ -503,6 +559,9 @@ def train_metrics(
         "backend": setup["backend"],
         "precision": "bf16" if setup["bf16"] else "fp32",
         "optimizer": optimizer_name(trainer.optimizer),
+        "attention": causal_lm_of(trainer.model).config._attn_implementation,
+        "packing": t.packing,
+        "gradient_checkpointing": plan["gradient_checkpointing"],
         "processes": world,
         "examples": setup["examples"],
         "truncated": setup["truncated"],
@@ -524,17 +583,13 @@ def train_metrics(
     }
 
 
-def check_plan(cfg: PipelineConfig, model: Any) -> dict[str, Any]:
+def check_plan(plan: dict[str, Any], model: Any) -> None:
     """`distill plan` and the trainer must agree: same parameter count, same step formula."""
-    from distill.plan import build_plan
-
-    plan = build_plan(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable != plan["trainable_params"]:
         raise DistillError(
             f"train: {trainable:,} trainable parameters but `distill plan` computed {plan['trainable_params']:,}"
         )
-    return plan
 
 
 def _train(trainer: Any, resume: Path | None, checkpoints: Path) -> float:

@@ -476,7 +476,7 @@ class Profiled:
 
         class Callback(TrainerCallback):
             def on_step_begin(self, a, state, control, **kw):
-                if state.global_step == outer.first and outer.last > outer.first:
+                if state.global_step == outer.first and outer.last > outer.first and outer.prof is None:
                     outer.start()
 
             def on_step_end(self, a, state, control, **kw):

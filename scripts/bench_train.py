@@ -236,18 +236,6 @@ def trainer_args(cfg: Any, output_dir: Path) -> dict[str, Any]:
     }
 
 
-def lora_config(t: Any) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=t.lora.r,
-        lora_alpha=t.lora.alpha,
-        lora_dropout=t.lora.dropout,
-        target_modules=t.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
 def train_and_record(trainer: Any, samples: float, out: Path) -> None:
     started = time.perf_counter()
     trainer.train()
@@ -271,6 +259,7 @@ def baseline(config: Path, out: Path) -> None:
 
     from distill.config import load_config
     from distill.sft_data import encode_example
+    from distill.stages.train import lora_config
 
     cfg = load_config(config)
     t = cfg.train
@@ -294,6 +283,7 @@ def trl_sft(config: Path, out: Path) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from distill.config import load_config
+    from distill.stages.train import lora_config
 
     cfg = load_config(config)
     rows = train_rows(cfg)
@@ -332,6 +322,7 @@ def gkd(config: Path, out: Path, on_policy: bool) -> None:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distill.config import load_config
+    from distill.stages.train import lora_config
 
     cfg = load_config(config)
     rows = train_rows(cfg)

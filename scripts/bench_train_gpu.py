@@ -41,7 +41,8 @@ Variants, each in its own child process (CUDA peaks never mix; the parent never 
   trl-liger         trl-bf16w with use_liger_kernel=True (Liger's layer kernels; TRL 1.16 keeps its own fused
                     LM head instead of Liger's fused linear cross-entropy).
   trl-padfree       trl-bf16w with padding_free=True (TRL's flattened batches with position ids).
-  trl-unsloth       Unsloth as its users run it: FastLanguageModel (bf16, same LoRA, its checkpointing) handed
+  trl-unsloth       Unsloth as its users run it: FastLanguageModel (bf16, same LoRA, its checkpointing; loaded by
+                    distill.stages.train.load_student's Unsloth path, which makes the same two calls) handed
                     to trl.SFTTrainer with trl-bf16w's settings.
   ours-kd           train.objective=kd (generalised JSD beta 0.5, temperature 1, alpha 0.5) on a stored top-20
                     teacher distribution in generate's columns (random values, `add_top_k`: the step's cost does
@@ -647,17 +648,12 @@ def child(args: argparse.Namespace) -> None:
     (work / f"result-{args.child}.json").write_text(json.dumps(result, indent=2))
 
 
-def child_ours(args: argparse.Namespace, work: Path, cuda: bool, settings: dict, profiled: Profiled) -> dict:
-    from datasets import Dataset
-    from transformers import Trainer, set_seed
-
-    import distill.stages.train as train_stage
+def bench_config(args: argparse.Namespace, work: Path, cuda: bool, settings: dict):
+    """`distill train`'s config for the bench's student: TrainConfig's defaults with `settings` (train.*)."""
     from distill.config import PipelineConfig
-    from distill.plan import build_plan
 
     student = str(work / "student")
-    steps = args.steps + args.warmup_steps + args.profile_steps
-    cfg = PipelineConfig(
+    return PipelineConfig(
         run_name="bench",
         run_dir=work / "runs",
         seed=0,
@@ -669,6 +665,18 @@ def child_ours(args: argparse.Namespace, work: Path, cuda: bool, settings: dict,
             **settings,
         },
     )
+
+
+def child_ours(args: argparse.Namespace, work: Path, cuda: bool, settings: dict, profiled: Profiled) -> dict:
+    from datasets import Dataset
+    from transformers import Trainer, set_seed
+
+    import distill.stages.train as train_stage
+    from distill.plan import build_plan
+
+    steps = args.steps + args.warmup_steps + args.profile_steps
+    cfg = bench_config(args, work, cuda, settings)
+    device = "cuda" if cuda else "cpu"
     t = cfg.train
     backend = train_stage.choose_backend(cfg)
     bf16 = train_stage.use_bf16(cfg)
@@ -676,13 +684,12 @@ def child_ours(args: argparse.Namespace, work: Path, cuda: bool, settings: dict,
     set_seed(cfg.seed)
     model, tokenizer = train_stage.load_student(cfg, backend, bf16, recompute)
     if t.packing:
-        train_stage.check_packing(model, "cuda" if cuda else "cpu")
+        train_stage.check_packing(model, device)
     rows = Dataset.from_list(json.loads((work / "rows.json").read_text()))
     dataset, truncated, _ = train_stage.tokenize(cfg, tokenizer, rows)
     reference = json.loads((work / "encoded.json").read_text())
     assert dataset["input_ids"] == [r["input_ids"] for r in reference], "tokenize() disagrees with encode_example"
     assert dataset["labels"] == [r["labels"] for r in reference]
-    device = "cuda" if cuda else "cpu"
     inner, coverage, _ = train_stage.attach_objective(cfg, model, tokenizer, dataset, t.objective == "kd", 0, device)
     collator = PadCounter(inner)
     planned = len(dataset) // (t.batch_size * t.grad_accum)
@@ -728,10 +735,10 @@ def child_trl(
 ) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    import distill.stages.train as train_stage
     from distill.config import TrainConfig
 
     t = TrainConfig()
@@ -757,34 +764,13 @@ def child_trl(
         **{"max_length": t.max_length, **settings},
         **({} if cuda else {"use_cpu": True}),
     )
-    if unsloth:
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=student, max_seq_length=t.max_length, dtype=torch.bfloat16, load_in_4bit=False
-        )
-        model = FastLanguageModel.get_peft_model(
-            model,
-            r=t.lora.r,
-            lora_alpha=t.lora.alpha,
-            lora_dropout=t.lora.dropout,
-            target_modules=t.lora.target_modules,
-            bias="none",
-            use_gradient_checkpointing="unsloth",
-            random_state=0,
-        )
-        model_arg, peft = model, None
+    if unsloth:  # Unsloth's loader and adapters with our settings, as distill's own Unsloth path makes them
+        unsloth_cfg = bench_config(args, work, cuda, {"backend": "unsloth"})
+        model_arg, tokenizer = train_stage.load_student(unsloth_cfg, "unsloth", bf16=True, recompute=True)
+        peft = None
     else:
         tokenizer = AutoTokenizer.from_pretrained(student)
-        model_arg = student
-        peft = LoraConfig(
-            r=t.lora.r,
-            lora_alpha=t.lora.alpha,
-            lora_dropout=t.lora.dropout,
-            target_modules=t.lora.target_modules,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        model_arg, peft = student, train_stage.lora_config(t)
     timer = step_timer(args, cuda)
     trainer = SFTTrainer(
         model=model_arg,
@@ -822,11 +808,11 @@ def child_trl_kd(args: argparse.Namespace, work: Path, cuda: bool, profiled: Pro
     """TRL's closest offline distillation: GKDTrainer with lmbda=0 (never generates), the teacher in memory."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distill.config import TrainConfig
+    from distill.stages.train import lora_config
 
     t = TrainConfig()
     rows = json.loads((work / "rows.json").read_text())
@@ -855,14 +841,6 @@ def child_trl_kd(args: argparse.Namespace, work: Path, cuda: bool, profiled: Pro
         include_num_input_tokens_seen="non_padding",
         **({} if cuda else {"use_cpu": True}),
     )
-    lora = LoraConfig(
-        r=t.lora.r,
-        lora_alpha=t.lora.alpha,
-        lora_dropout=t.lora.dropout,
-        target_modules=t.lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     timer = step_timer(args, cuda)
     trainer = GKDTrainer(
         model=str(work / "student"),
@@ -870,7 +848,7 @@ def child_trl_kd(args: argparse.Namespace, work: Path, cuda: bool, profiled: Pro
         args=config,
         train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(work / "student"),
-        peft_config=lora,
+        peft_config=lora_config(t),
         callbacks=[timer, profiled.callback()],
     )
     collator = PadCounter(trainer.data_collator)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import atomic_dir, open_stage, require_inputs, stage_dir
-from distill.config import PipelineConfig
+from distill.config import PipelineConfig, TrainConfig
 from distill.errors import DistillError
 from distill.models import ensure_models
 
@@ -246,9 +246,16 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool, recompute: bool)
     )
     if t.method == "full":
         return model, tokenizer
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(
+    return get_peft_model(model, lora_config(t)), tokenizer
+
+
+def lora_config(t: TrainConfig) -> Any:
+    """train.lora as peft's config (the benchmarks hand the same one to TRL)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=t.lora.r,
         lora_alpha=t.lora.alpha,
         lora_dropout=t.lora.dropout,
@@ -256,7 +263,6 @@ def load_student(cfg: PipelineConfig, backend: str, bf16: bool, recompute: bool)
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), tokenizer
 
 
 def attention_kernel(cfg: PipelineConfig) -> str | None:

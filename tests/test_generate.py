@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    REPO,
     VLLM_ENV,
     check_captured_distribution,
     crew_task,
@@ -61,7 +62,7 @@ def test_near_duplicates_and_reasoning_only_are_rejected() -> None:
     task = crew_task()
     example = task.example("train", 0)
     inst = {"prompt": example.prompt, "payload": example.payload, "reference": example.reference}
-    answer = ReferenceTeacher(task).generate([inst])[0].text
+    answer = ReferenceTeacher(load_config(REPO / "configs/tiny.yaml"), task).generate([inst])[0].text
     dedup = ExampleDeduplicator("answer", 0.9)
     assert judge(f"<think>\n\n</think>\n\n{answer}", inst, task, dedup)[:2] == ("accepted", [])
     assert judge(answer, inst, task, dedup)[:2] == ("rejected", ["near_duplicate"])

@@ -281,6 +281,11 @@ def test_python_pack_errors_name_the_factory(tmp_path) -> None:
         )
         with pytest.raises(TaskError, match=expected):
             load_task(cfg)
+    # one statement of the interface: the python pack's check and TaskBase's defaults both derive from `Task`
+    from distill.tasks import TaskBase, interface
+
+    assert "grammar" in interface() and "grammar_leaves" in interface() and "gold" in interface()
+    assert set(interface()) - set(dir(TaskBase)) == {"name", "weights", "example", "check"}
     with pytest.raises(DistillError):  # a factory that is not module:attr is refused by the config itself
         load_config(
             _jsonl_config(tmp_path, _rows(), "prompt_field: text, choices: [x]"), ["task={kind: python, factory: nope}"]

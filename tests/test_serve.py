@@ -327,7 +327,7 @@ def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(
     from llama_cpp import Llama
     from openai import OpenAI
 
-    from distill.models import find_gguf
+    from distill.models import exported
     from distill.serving.fleet import free_port
 
     cfg = load_config(served)
@@ -358,7 +358,7 @@ def test_deploy_serves_the_openai_client_restarts_a_dead_server_and_stops_clean(
         if measured["slots_each"] == 1:
             # one sequence per server: the same arithmetic as llama.cpp in process, so the same greedy answer
             # (with several slots the batch shapes differ, and this fixture's near-tied logits may flip)
-            in_process = Llama(model_path=str(find_gguf(cfg)), n_ctx=cfg.serve.context, verbose=False)
+            in_process = Llama(model_path=str(exported(cfg, "gguf")), n_ctx=cfg.serve.context, verbose=False)
             expected = in_process.create_chat_completion(messages=messages, max_tokens=24, temperature=0.0)
             assert text == expected["choices"][0]["message"]["content"]  # same model, template and decoding
 

@@ -20,8 +20,9 @@ from distill.comparison import comparison_table, evaluated
 from distill.config import PipelineConfig
 from distill.metrics import ExportMetrics, GenerateMetrics, ServeMetrics, TrainMetrics
 from distill.report import objective_words, stage_metrics, teacher_words
-from distill.stages import MODEL_DESCRIPTIONS, STAGES
+from distill.stages import STAGES
 from distill.tasks import Labels, Records, Task, load_task
+from distill.variants import VARIANTS, of_stage
 
 CARD = "README.md"
 
@@ -38,7 +39,7 @@ def card_targets(cfg: PipelineConfig) -> list[tuple[Path, str, str]]:
     """(folder, library, model row) of each card: the HF folder export read, and the GGUF's folder."""
     (source,) = STAGES["export"].inputs(cfg)
     return [
-        (stage_dir(cfg, source) / "model", "transformers", next(iter(STAGES[source].models))),
+        (stage_dir(cfg, source) / "model", "transformers", of_stage(source)[0].name),
         (stage_dir(cfg, "export"), "gguf", "gguf"),
     ]
 
@@ -146,7 +147,7 @@ def render_card(cfg: PipelineConfig, task: Task, folder: Path, library: str, row
         f"A {export.student_params:,}-parameter student for the `{task.name}` task, distilled from {teacher} "
         "by `distill`. This folder holds "
         + (
-            f"the {MODEL_DESCRIPTIONS[row]} as transformers safetensors."
+            f"the {VARIANTS[row].description} as transformers safetensors."
             if library == "transformers"
             else f"it as a {export.format.upper()} GGUF for llama.cpp"
             + (" and as torchao dynamic int8 (`int8/`)." if export.int8_bytes else ".")
@@ -182,7 +183,7 @@ def render_card(cfg: PipelineConfig, task: Task, folder: Path, library: str, row
                 f"{next(iter(results.values()))['answers']} held-out test inputs (their groups never trained on), greedy "
                 f"decoding, up to {cfg.eval.max_new_tokens} new tokens; `+ grammar` rows decode under each input's "
                 "output grammar. This folder's model is the "
-                f"*{MODEL_DESCRIPTIONS[row]}* row."
+                f"*{VARIANTS[row].description}* row."
             ),
             "",
             comparison_table(cfg, task, results).rstrip(),
@@ -315,7 +316,7 @@ def _limits(
     cfg: PipelineConfig, task: Task, summary: dict[str, Any] | None, grammar: bool, report: dict[str, Any] | None
 ) -> list[str]:
     lines = [f"- Trained and tested on the `{task.name}` task's inputs alone; on other inputs it is untested."]
-    leaves = getattr(task, "grammar_leaves", {})
+    leaves = task.grammar_leaves
     if grammar:
         left = "; ".join(f"`{check}` ({why})" for check, why in leaves.items())
         lines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import signal
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 
 from distill.errors import ConfigError, DistillError, Terminated
-from distill.stages import MODELS, STAGES
+from distill.stages import STAGES, Stage, resolve
 
 app = typer.Typer(
     help="Distill a large teacher LLM into a small student that serves on a small GPU.",
@@ -81,81 +82,61 @@ def _load(config: Path, overrides: list[str] | None) -> Any:
     return load_config(config, overrides or [])
 
 
-def _run_stage(stage: str, config: Path, overrides: list[str] | None, overwrite: bool, **options: Any) -> None:
-    """Run one stage module's `run(cfg, overwrite=..., **options)` and print where its output is."""
-
-    def body() -> None:
-        import importlib
-
-        module = importlib.import_module(f"distill.stages.{stage}")
-        out = module.run(_load(config, overrides), overwrite=overwrite, **options)
-        console.print(f"[green]{stage}:[/] {out}")
-
-    _guard(body)
-
-
-# Stage commands: one thin command per stage, in pipeline order.
-@app.command(help=STAGES["generate"].help)
-def generate(
-    config: ConfigArg,
-    overrides: OverridesArg = None,
-    overwrite: OverwriteOpt = False,
-    shard: Annotated[str | None, typer.Option(help="Do only part I of N of the work, e.g. 0/4 (one job each).")] = None,
-    merge_shards: Annotated[
-        bool, typer.Option("--merge-shards", help="Combine finished shards into the dataset.")
-    ] = False,
-) -> None:
-    _run_stage("generate", config, overrides, overwrite, shard=shard, merge_shards=merge_shards)
-
-
-@app.command(help=STAGES["merge"].help)
-def merge(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    _run_stage("merge", config, overrides, overwrite)
-
-
-@app.command(help=STAGES["prune"].help)
-def prune(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    _run_stage("prune", config, overrides, overwrite)
-
-
-@app.command(help=STAGES["export"].help)
-def export(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    _run_stage("export", config, overrides, overwrite)
-
-
-@app.command(help=STAGES["serve"].help)
-def serve(
-    config: ConfigArg,
-    overrides: OverridesArg = None,
-    overwrite: OverwriteOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print both fleets' plans; start nothing.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    if not dry_run:
-        _run_stage("serve", config, overrides, overwrite)
+def _show(title: str, data: dict[str, Any], rows: list[tuple[str, str]], as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(data))
         return
+    from rich.table import Table
 
-    def body() -> None:
-        from distill.artifacts import is_complete
-        from distill.models import served_model, weights_bytes
-        from distill.serving.memory import check_backend, format_plan, plan_serving
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
 
-        cfg = _load(config, overrides)
-        check_backend(cfg)
-        upstream = "export" if cfg.serve.backend == "llama_cpp" else "merge"
-        size = weights_bytes(served_model(cfg)) if is_complete(cfg, upstream) else None
-        result = plan_serving(cfg, model_bytes=size)
-        if as_json:
-            console.print_json(json.dumps(result))
-            return
-        from rich.table import Table
 
-        table = Table(title=f"serving plan: {result['gpu']}", show_header=False)
-        for key, value in format_plan(result):
-            table.add_row(key, value)
-        console.print(table)
+def _stage_command(stage: Stage) -> Callable[..., None]:
+    """The command of one stage, from its registry entry: config, overrides, --overwrite, its own options, and
+    --dry-run/--json where it has a preview."""
 
-    _guard(body)
+    def command(
+        config: Path,
+        overrides: list[str] | None,
+        overwrite: bool,
+        dry_run: bool = False,
+        as_json: bool = False,
+        **options: Any,
+    ) -> None:
+        def body() -> None:
+            cfg = _load(config, overrides)
+            if dry_run:
+                _show(*resolve(stage.preview)(cfg), as_json)
+                return
+            console.print(f"[green]{stage.name}:[/] {stage.run(cfg, overwrite=overwrite, **options)}")
+
+        _guard(body)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ConfigArg),
+        inspect.Parameter("overrides", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=OverridesArg, default=None),
+        inspect.Parameter("overwrite", keyword, annotation=OverwriteOpt, default=False),
+    ]
+    for option in stage.options:
+        flag = option.flag or "--" + option.name.replace("_", "-")
+        annotation = Annotated[option.type, typer.Option(flag, help=option.help)]
+        params.append(inspect.Parameter(option.name, keyword, annotation=annotation, default=option.default))
+    if stage.preview is not None:
+        dry_run = Annotated[bool, typer.Option("--dry-run", help="Print what it would do; start nothing.")]
+        params.append(inspect.Parameter("dry_run", keyword, annotation=dry_run, default=False))
+        params.append(inspect.Parameter("as_json", keyword, annotation=JsonOpt, default=False))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return command
+
+
+# Stage commands, in pipeline order, from the stage registry.
+for _stage in STAGES.values():
+    app.command(_stage.name, help=_stage.help)(_stage_command(_stage))
 
 
 @app.command()
@@ -173,24 +154,6 @@ def deploy(
         run_deploy(_load(config, overrides), port, announce=lambda line: console.print(line, highlight=False))
 
     _guard(body)
-
-
-@app.command(help=STAGES["train"].help)
-def train(config: ConfigArg, overrides: OverridesArg = None, overwrite: OverwriteOpt = False) -> None:
-    _run_stage("train", config, overrides, overwrite)
-
-
-@app.command("eval", help=STAGES["eval"].help)
-def eval_(
-    config: ConfigArg,
-    overrides: OverridesArg = None,
-    overwrite: OverwriteOpt = False,
-    model: Annotated[str, typer.Option(help=", ".join(MODELS) + ".")] = "merged",
-) -> None:
-    _run_stage("eval", config, overrides, overwrite, model=model)
-
-
-# (end of stage commands)
 
 
 @app.command("run")
@@ -246,33 +209,12 @@ def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
 
 @app.command()
 def plan(config: ConfigArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
-    """Parameters, steps and memory of the training run, from the student on the meta device."""
+    """Parameters, steps and memory of the training run, from the student on the meta device (as `train --dry-run`)."""
 
     def body() -> None:
-        from distill.plan import build_plan
+        from distill.plan import preview
 
-        result = build_plan(_load(config, overrides))
-        if as_json:
-            console.print_json(json.dumps(result))
-            return
-        from rich.table import Table
-
-        table = Table(title=f"plan: {result['student']} ({result['architecture']})", show_header=False)
-        for key, value in result.items():
-            if key == "memory_bytes":
-                for name, size in value.items():
-                    table.add_row(f"memory.{name}", f"{size:,} B ({size / 2**20:,.1f} MiB)")
-            elif key == "teacher_distribution":
-                table.add_row(
-                    "teacher distribution (generate.logprobs)",
-                    f"top-{value['k']}, {value['bytes_per_token']} B/token x {value['tokens_per_example']:,.0f} "
-                    f"tokens/example ({value['tokens_source']}) = {value['bytes'] / 2**30:,.2f} GiB",
-                )
-            elif isinstance(value, int) and not isinstance(value, bool):
-                table.add_row(key, f"{value:,}")
-            else:
-                table.add_row(key, str(value))
-        console.print(table)
+        _show(*preview(_load(config, overrides)), as_json)
 
     _guard(body)
 

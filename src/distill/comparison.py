@@ -9,15 +9,16 @@ from typing import Any
 from distill.artifacts import atomic_write_text, read_manifest, stage_dir, stage_status
 from distill.config import PipelineConfig
 from distill.scoring import INVALID
-from distill.stages import MODEL_DESCRIPTIONS, MODELS, eval_stage
+from distill.stages import eval_stage
 from distill.tasks import Labels, Records, Task
+from distill.variants import VARIANTS
 
 
 def evaluated(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Summaries of every model whose evaluation is complete for this config, in the registry's order."""
     return {
         m: read_manifest(stage_dir(cfg, eval_stage(m)))["metrics"]
-        for m in MODELS
+        for m in VARIANTS
         if stage_status(cfg, eval_stage(m)) == "complete"
     }
 
@@ -36,7 +37,7 @@ def describe(cfg: PipelineConfig, model: str) -> str:
     """How a model is named in tables and plots; the teacher row is whoever wrote the data."""
     if model == "teacher" and cfg.generate.backend == "reference":
         return "reference answers (held-out)"
-    return MODEL_DESCRIPTIONS[model]
+    return VARIANTS[model].description
 
 
 def gold_columns(task: Task, results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:

@@ -1,4 +1,5 @@
-"""Typed configuration: one model per stage inside `PipelineConfig`.
+"""Typed configuration: `PipelineConfig` is the run's own settings plus one section per stage, each the model the
+stage registry names.
 
 Precedence is defaults < YAML file < dotted `key.sub=value` overrides. Every problem is collected
 and reported at once, each naming its YAML path, the bad value and what is allowed.
@@ -21,11 +22,14 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     WithJsonSchema,
+    create_model,
     model_validator,
 )
 
 from distill.errors import ConfigError
-from distill.stages import MODELS, sections
+from distill.stages import STAGES, resolve, sections
+from distill.teachers import BACKENDS
+from distill.variants import VARIANTS
 
 
 class Strict(BaseModel):
@@ -246,8 +250,9 @@ class GenerateConfig(Strict):
     engine: Literal["local", "ray"] = Field(
         "local", description="Where the teacher runs: in this process, or as replicas on a Ray cluster (generate.ray)."
     )
-    backend: Literal["vllm", "openai", "transformers", "reference"] = Field(
-        "vllm", description="Teacher backend; `reference` writes the task's own reference answers (offline)."
+    backend: Literal[tuple(BACKENDS)] = Field(  # type: ignore[valid-type]
+        "vllm",
+        description="Teacher backend: " + "; ".join(f"`{b.name}`: {b.summary}" for b in BACKENDS.values()) + ".",
     )
     num_examples: ExampleCount = Field(
         1000, description="Accepted training examples to produce; `all`: every usable input whose answer passes."
@@ -534,7 +539,7 @@ class ServeConfig(Strict):
 class EvalConfig(Strict):
     """Held-out quality of any stage's model."""
 
-    models: list[Literal[tuple(MODELS)]] = Field(  # type: ignore[valid-type]
+    models: list[Literal[tuple(VARIANTS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["teacher", "base", "merged", "gguf"],
         description="Models `distill run` evaluates, in order (`distill eval --model` picks one).",
     )
@@ -562,22 +567,14 @@ class CardConfig(Strict):
     )
 
 
-class PipelineConfig(Strict):
-    """A whole run: names, models, the task, and one section per stage."""
+class RunConfig(Strict):
+    """What a run has besides its stages' sections: names, models, the task."""
 
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run folder name under run_dir.")
     run_dir: Path = Field(Path("runs"), description="Parent folder of all runs.")
     seed: int = Field(0, description="Global seed.")
     models: ModelsConfig = Field(description="Teacher and student.")
     task: TaskConfig = Field(default_factory=CrewTaskConfig, description="The task pack and its settings.")
-    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Stage 1.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2.")
-    merge: MergeConfig = Field(default_factory=MergeConfig, description="Stage 3.")
-    prune: PruneConfig = Field(default_factory=PruneConfig, description="Stage 3b (compact variant).")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="Stage 4.")
-    serve: ServeConfig = Field(default_factory=ServeConfig, description="Stage 5.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
-    card: CardConfig = Field(default_factory=CardConfig, description="The model card beside the exported student.")
 
     _source: Path | None = PrivateAttr(None)
 
@@ -619,6 +616,25 @@ class PipelineConfig(Strict):
         for key in ("packing", "attention"):
             subset.get("train", {}).pop(key, None)
         return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sections() -> dict[str, Any]:
+    """One section per stage, as the stage registry names its model, in pipeline order; then the card."""
+    fields: dict[str, Any] = {}
+    for stage in STAGES.values():
+        model = resolve(stage.config)
+        fields[stage.name] = (model, Field(default_factory=model, description=stage.summary))
+    fields["card"] = (CardConfig, Field(default_factory=CardConfig, description="The card beside the student."))
+    return fields
+
+
+PipelineConfig = create_model(
+    "PipelineConfig",
+    __base__=RunConfig,
+    __doc__="A whole run: names, models, the task, one section per stage, the model card.",
+    __module__=__name__,
+    **_sections(),
+)
 
 
 def _closest(name: str, options: list[str]) -> str:

@@ -15,9 +15,8 @@ from distill.tasks import Grammar, Task
 
 
 def task_grammar(task: Task, payload: dict[str, Any]) -> Grammar | None:
-    """The task's grammar for one input; None when the pack has none (a python pack may leave it out)."""
-    method = getattr(task, "grammar", None)
-    return method(payload) if method is not None else None
+    """The task's grammar for one input; None when the pack has none."""
+    return task.grammar(payload)
 
 
 def first_grammar(task: Task, payload: dict[str, Any], setting: str | None) -> Grammar | None:

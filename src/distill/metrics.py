@@ -1,4 +1,4 @@
-"""What each stage records in its manifest's `metrics`, typed: the stage's writes are checked against it when the
+"""What each stage records in its manifest's `metrics`, typed (the stage registry names each stage's model): the stage's writes are checked against it when the
 manifest is written (an undeclared key is an error), and the report reads these fields by attribute, so renaming
 a metric on one side without the other fails a fast test (tests/test_metrics.py) instead of a slow run.
 
@@ -266,18 +266,13 @@ class EvalMetrics(Scores):
     teacher_acceptance_rate: float | None = None
 
 
-STAGE_METRICS: dict[str, type[Metrics]] = {
-    "generate": GenerateMetrics,
-    "train": TrainMetrics,
-    "merge": MergeMetrics,
-    "prune": PruneMetrics,
-    "export": ExportMetrics,
-    "serve": ServeMetrics,
-    "eval": EvalMetrics,
-}
+def stage_model(stage: str) -> type[Metrics]:
+    """The metrics model of a stage, or of `eval/<model>`, as the stage registry names it."""
+    from distill.stages import STAGES, resolve
+
+    return resolve(STAGES[stage.split("/")[0]].metrics)
 
 
 def checked(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """A stage's metrics as its manifest keeps them, after checking every key and type against its model."""
-    model = STAGE_METRICS[stage.split("/")[0]]
-    return model.model_validate(metrics).model_dump(mode="json", exclude_unset=True)
+    return stage_model(stage).model_validate(metrics).model_dump(mode="json", exclude_unset=True)

@@ -1,4 +1,5 @@
-"""Where each model of a run lives and how big it is; the tiny teacher/student built on demand (`models.tiny`)."""
+"""Where the exported and served models of a run are, how big a model is; the tiny teacher/student built on
+demand (`models.tiny`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distill.artifacts import read_manifest, require_input, stage_dir
+from distill.artifacts import require_input, stage_dir
 from distill.config import PipelineConfig, TinyModelsConfig
 from distill.errors import DistillError
 from distill.tasks import Task, load_task
@@ -53,15 +54,6 @@ def weights_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def model_folder(cfg: PipelineConfig, model: str) -> Path:
-    """The folder of a student variant's weights and tokenizer (the adapter's holds the tokenizer too)."""
-    if model == "base":
-        return Path(cfg.models.student)
-    if model == "adapter":
-        return stage_dir(cfg, "train") / "adapter"
-    return stage_dir(cfg, "prune" if model == "pruned" else "merge") / "model"
-
-
 def exported(cfg: PipelineConfig, kind: str) -> Path:
     """The export stage's `gguf` file or `int8` folder, as its manifest names it."""
     manifest = require_input(cfg, "export")
@@ -73,26 +65,12 @@ def exported(cfg: PipelineConfig, kind: str) -> Path:
     return path
 
 
-def find_gguf(cfg: PipelineConfig) -> Path:
-    return exported(cfg, "gguf")
-
-
 def served_model(cfg: PipelineConfig) -> Path:
     """What the servers load: the GGUF for llama.cpp, the merged folder for vLLM."""
     from distill.serving.memory import check_backend
 
     check_backend(cfg)
     if cfg.serve.backend == "llama_cpp":
-        return find_gguf(cfg)
+        return exported(cfg, "gguf")
     require_input(cfg, "merge")
     return stage_dir(cfg, "merge") / "model"
-
-
-def model_size(cfg: PipelineConfig, model: str) -> int | None:
-    """Bytes on disk of what an evaluated model is loaded from; None for the teacher, whose answers are data."""
-    if model == "teacher":
-        return None
-    if model in ("gguf", "int8"):
-        name = (read_manifest(stage_dir(cfg, "export")) or {}).get("files", {}).get(model)
-        return weights_bytes(stage_dir(cfg, "export") / name) if name else None
-    return weights_bytes(model_folder(cfg, model))

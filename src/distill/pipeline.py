@@ -30,10 +30,10 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     """Each selected stage in order; a complete one is skipped, a partial one resumes. Returns REPORT.md."""
     from distill.card import write_cards
     from distill.report import write_report
-    from distill.stages.eval import check_eval_models
+    from distill.variants import check_variants
 
     stages = select_stages(start, until)
-    check_eval_models(cfg)
+    check_variants(cfg, cfg.eval.models)
     ensure_models(cfg)
     for name in stages:
         stage = STAGES[name]

@@ -286,3 +286,23 @@ def build_plan(cfg: PipelineConfig) -> dict[str, Any]:
             "bytes": int(stored * length * per_token),
         }
     return plan
+
+
+def preview(cfg: PipelineConfig) -> tuple[str, dict[str, Any], list[tuple[str, str]]]:
+    """`distill plan` and `distill train --dry-run`: the plan as a titled table of rows."""
+    plan = build_plan(cfg)
+    rows = []
+    for key, value in plan.items():
+        if key == "memory_bytes":
+            rows += [(f"memory.{name}", f"{size:,} B ({size / 2**20:,.1f} MiB)") for name, size in value.items()]
+        elif key == "teacher_distribution":
+            size = (
+                f"top-{value['k']}, {value['bytes_per_token']} B/token x {value['tokens_per_example']:,.0f} "
+                f"tokens/example ({value['tokens_source']}) = {value['bytes'] / 2**30:,.2f} GiB"
+            )
+            rows.append(("teacher distribution (generate.logprobs)", size))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            rows.append((key, f"{value:,}"))
+        else:
+            rows.append((key, str(value)))
+    return f"plan: {plan['student']} ({plan['architecture']})", plan, rows

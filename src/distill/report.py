@@ -9,7 +9,6 @@ from distill.artifacts import atomic_write_text, read_manifest, stage_dir, stage
 from distill.config import SPLIT_KEYS, PipelineConfig
 from distill.dedup import DEDUP_WORDS
 from distill.metrics import (
-    STAGE_METRICS,
     ExportMetrics,
     GenerateMetrics,
     KdSummary,
@@ -17,6 +16,7 @@ from distill.metrics import (
     PruneMetrics,
     ServeMetrics,
     TrainMetrics,
+    stage_model,
 )
 from distill.scoring import shares
 from distill.tasks import Task, load_task
@@ -28,7 +28,7 @@ def stage_metrics(cfg: PipelineConfig, stage: str) -> Any:
     """A stage's typed metrics when it is complete for this config (a stale result would misreport this run)."""
     if stage_status(cfg, stage) != "complete":
         return None
-    return STAGE_METRICS[stage].model_validate((read_manifest(stage_dir(cfg, stage)) or {}).get("metrics", {}))
+    return stage_model(stage).model_validate((read_manifest(stage_dir(cfg, stage)) or {}).get("metrics", {}))
 
 
 def _wall(cfg: PipelineConfig, stage: str) -> float:
@@ -250,7 +250,7 @@ def _grammar_note(task: Task, results: dict[str, Any]) -> str:
     uses = {s["grammar"] for s in results.values() if "grammar" in s}
     if uses != {"free and constrained"}:
         return "Decoding: " + "; ".join(sorted(uses)) + "." if uses else ""
-    leaves = "; ".join(f"{check} ({why})" for check, why in getattr(task, "grammar_leaves", {}).items())
+    leaves = "; ".join(f"{check} ({why})" for check, why in task.grammar_leaves.items())
     return (
         "Rows marked `+ grammar` decode under the task's output grammar for each input (GBNF: xgrammar for the "
         "transformers models, llama.cpp's grammar sampler for the GGUF)"

@@ -1,5 +1,6 @@
-"""How each model of a run is loaded to answer prompts: transformers (base, adapter, merged, pruned, torch int8)
-or llama.cpp (the GGUF), behind the same `generate(ids, grammar)` and `nll(ids, answer)`."""
+"""How each model variant of a run is loaded to answer prompts: transformers (with a LoRA adapter or torch's
+dynamic int8 where the variant has one) or llama.cpp (the GGUF), behind the same `generate(ids, grammar)` and
+`nll(ids, answer)`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from distill.artifacts import require_input
 from distill.config import PipelineConfig
 from distill.constrain import HFGrammars, llama_grammar
 from distill.errors import DistillError
-from distill.models import exported, find_gguf, model_folder
-from distill.stages import MODELS
 from distill.tasks import Grammar
+from distill.variants import VARIANTS
 
 
 def llama_cpp(stage: str) -> Any:
@@ -114,23 +114,40 @@ class GGUFModel:
         self.llm.close()
 
 
-def load_runtime(cfg: PipelineConfig, model: str, tokenizer: Any, context: int) -> tuple[Any, Any]:
-    """(runner, close or None) for one of the registry's models; the stage that makes it must be complete."""
+def _transformers(cfg: PipelineConfig, path: Path, tokenizer: Any, context: int) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    require_input(cfg, MODELS[model])
-    if model == "gguf":
-        gguf = GGUFModel(find_gguf(cfg), context, cfg)
-        return gguf, gguf.close
-    if model == "int8":
-        from distill.int8 import load_int8
+    return HFModel(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, cfg), None
 
-        return HFModel(load_int8(exported(cfg, "int8")), tokenizer, cfg), None
-    if model == "adapter":
-        from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(cfg.models.student, dtype=torch.float32)
-        return HFModel(PeftModel.from_pretrained(base, model_folder(cfg, model)).eval(), tokenizer, cfg), None
-    folder = model_folder(cfg, model)  # base, merged, pruned: weights and tokenizer side by side
-    return HFModel(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokenizer, cfg), None
+def _peft(cfg: PipelineConfig, path: Path, tokenizer: Any, context: int) -> tuple[Any, Any]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.models.student, dtype=torch.float32)
+    return HFModel(PeftModel.from_pretrained(base, path).eval(), tokenizer, cfg), None
+
+
+def _int8(cfg: PipelineConfig, path: Path, tokenizer: Any, context: int) -> tuple[Any, Any]:
+    from distill.int8 import load_int8
+
+    return HFModel(load_int8(path), tokenizer, cfg), None
+
+
+def _llama_cpp(cfg: PipelineConfig, path: Path, tokenizer: Any, context: int) -> tuple[Any, Any]:
+    gguf = GGUFModel(path, context, cfg)
+    return gguf, gguf.close
+
+
+# How a variant's `runtime` loads what its `location` names: (runner, close or None).
+LOADERS = {"transformers": _transformers, "peft": _peft, "int8": _int8, "llama_cpp": _llama_cpp}
+
+
+def load_runtime(cfg: PipelineConfig, model: str, tokenizer: Any, context: int) -> tuple[Any, Any]:
+    """(runner, close or None) for one of the run's variants; the stage that makes it must be complete."""
+    found = VARIANTS[model]
+    require_input(cfg, found.stage)
+    assert found.location is not None, f"variant {model} has nothing to load"
+    return LOADERS[found.runtime](cfg, found.location(cfg), tokenizer, context)

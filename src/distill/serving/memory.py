@@ -225,3 +225,15 @@ def format_plan(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ("vLLM for this GPU", plan["vllm_supported"]),
         ("f16 activations (overflow risk)", plan["fp16_note"]),
     ]
+
+
+def preview(cfg: PipelineConfig) -> tuple[str, dict[str, Any], list[tuple[str, str]]]:
+    """`distill serve --dry-run`: both fleets' plans, from the served model's size once it exists."""
+    from distill.artifacts import is_complete
+    from distill.models import served_model, weights_bytes
+
+    check_backend(cfg)
+    upstream = "export" if cfg.serve.backend == "llama_cpp" else "merge"
+    size = weights_bytes(served_model(cfg)) if is_complete(cfg, upstream) else None
+    plan = plan_serving(cfg, model_bytes=size)
+    return f"serving plan: {plan['gpu']}", plan, format_plan(plan)

@@ -23,11 +23,10 @@ from distill.comparison import render_summary, write_comparison
 from distill.config import PipelineConfig
 from distill.constrain import first_grammar, task_grammar
 from distill.data import append_records, read_records, test_rows
-from distill.errors import DistillError
-from distill.models import model_folder, model_size
 from distill.scoring import score, summarize
-from distill.stages import MODELS, eval_stage
+from distill.stages import eval_stage
 from distill.tasks import Grammar, Task, load_task
+from distill.variants import VARIANTS, check_variants
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def _decode(
 
     from distill.runtimes import load_runtime
 
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(cfg, model))
+    tokenizer = AutoTokenizer.from_pretrained(VARIANTS[model].tokenizer_folder(cfg))
     encoded = _encode(tokenizer, list({r["id"]: r for pending in todo.values() for r in pending}.values()))
     context = max(len(p) + max(len(a), cfg.eval.max_new_tokens) for p, a in encoded.values()) + 8
     runner, close = load_runtime(cfg, model, tokenizer, context)
@@ -129,27 +128,8 @@ def _decode(
             close()
 
 
-def check_eval_models(cfg: PipelineConfig, models: list[str] | None = None) -> None:
-    """Refuse, before any work, a model this config never produces."""
-    for model in cfg.eval.models if models is None else models:
-        if model not in MODELS:
-            raise DistillError(f"eval --model {model}: unknown model; use one of {', '.join(MODELS)}")
-        if model == "adapter" and cfg.train.method != "lora":
-            raise DistillError(
-                f"eval model 'adapter': train.method is {cfg.train.method}, so there is no adapter; use 'merged'"
-            )
-        if model == "pruned" and not cfg.prune.enabled:
-            raise DistillError(
-                "eval model 'pruned': pruning is off; set prune.enabled=true or drop 'pruned' from eval.models"
-            )
-        if model == "int8" and not cfg.export.torch_int8:
-            raise DistillError(
-                "eval model 'int8': no int8 export; set export.torch_int8=true or drop 'int8' from eval.models"
-            )
-
-
 def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> Path:
-    check_eval_models(cfg, [model])
+    check_variants(cfg, [model])
     stage = eval_stage(model)
     require_inputs(cfg, stage)
     task = load_task(cfg)  # a broken task or grammar fails before the output folder is touched
@@ -171,7 +151,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, model: str = "merged") -> 
         record.files["constrained generations"] = CONSTRAINED
     if model != "teacher":
         summary["grammar"] = grammar_use(cfg, grammar)
-    summary["size_bytes"] = model_size(cfg, model)
+    summary["size_bytes"] = VARIANTS[model].size(cfg)
     if model == "teacher":
         generated = read_manifest(stage_dir(cfg, "generate"))["metrics"]
         # The test split holds only accepted answers; the teacher's own validity is its acceptance rate.

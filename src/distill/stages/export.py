@@ -20,6 +20,7 @@ from distill.int8 import INT8_DIR, INT8_FILE, int8_linears, load_int8, write_int
 from distill.models import weights_bytes
 from distill.runtimes import cpu_threads, llama_cpp
 from distill.stages import STAGES
+from distill.teachers import teacher_backend
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def agreement_problems(cfg: PipelineConfig, checks: dict[str, Any]) -> list[str]
 def known_teacher_params(cfg: PipelineConfig) -> int | None:
     """The teacher's size where a model wrote the data and its architecture is at hand (an API teacher
     without `models.teacher_arch` has none): the compression ratio is reported only then."""
-    if cfg.generate.backend == "reference":
+    if not teacher_backend(cfg).language_model:
         return None
     from distill.plan import meta_model
 

@@ -29,7 +29,7 @@ from distill.errors import ConfigError, DistillError
 from distill.kd import COLUMNS, pack, unpack
 from distill.models import ensure_models
 from distill.tasks import Dedup, Labels, Task, load_task
-from distill.teachers import check_backend, make_teacher
+from distill.teachers import check_backend, make_teacher, teacher_backend
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def _replica_rates(teacher: Any) -> str:
 def dedup_mode(cfg: PipelineConfig, task: Task) -> Dedup:
     """What the near-duplicate filter compares in this run: `generate.dedup`, or the task's own default."""
     mode = task.dedup if cfg.generate.dedup == "auto" else cfg.generate.dedup
-    if mode == "answer" and cfg.generate.backend == "reference":
+    if mode == "answer" and not teacher_backend(cfg).language_model:
         return "none"  # a reference answer is right by definition, however many inputs share it
     return mode
 
@@ -440,7 +440,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, shard: str | None = None, 
         raise DistillError(
             f"generate.self_instruct.enabled: task '{task.name}' has no Self-Instruct templates; turn it off"
         )
-    if cfg.generate.self_instruct.enabled and cfg.generate.backend == "reference":
+    if cfg.generate.self_instruct.enabled and not teacher_backend(cfg).language_model:
         raise DistillError(
             "generate.self_instruct.enabled needs a language-model teacher; the reference backend cannot write requests"
         )

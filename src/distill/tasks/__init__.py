@@ -124,7 +124,8 @@ class Task(Protocol):
 
 
 class TaskBase:
-    """Defaults for a pack's optional parts; a pack (or your own python task) overrides what it has."""
+    """Defaults for every part of `Task` but `name`, `weights`, `example` and `check`; a pack (or your own python
+    task) overrides what it has."""
 
     unit = "answer"
     agreement_titles: Mapping[str, str] = {}
@@ -156,6 +157,12 @@ class TaskBase:
 
     def gold(self, payload: dict[str, Any]) -> str | None:
         return None
+
+
+def interface() -> tuple[str, ...]:
+    """Every attribute and method of the task interface, as `Task` states it: what a pack must have."""
+    methods = [name for name, value in vars(Task).items() if callable(value) and not name.startswith("_")]
+    return (*Task.__annotations__, *methods)
 
 
 def quality_score(violations: list[Violation], weights: Mapping[str, float]) -> float:

@@ -11,24 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distill.tasks import Task, TaskError
-
-REQUIRED = (
-    "name",
-    "unit",
-    "weights",
-    "agreement_titles",
-    "reference_source",
-    "size",
-    "example",
-    "check",
-    "agreement",
-    "corpus",
-    "self_instruct",
-    "dedup",
-    "shape",
-    "gold",
-)
+from distill.tasks import Task, TaskError, interface
 
 
 def load_python_task(cfg: Any, seed: int) -> Task:
@@ -53,7 +36,7 @@ def load_python_task(cfg: Any, seed: int) -> Task:
         raise
     except Exception as exc:  # noqa: BLE001
         raise TaskError(f"task.factory: {cfg.factory}(options, seed) failed ({type(exc).__name__}: {exc})") from None
-    missing = [name for name in REQUIRED if not hasattr(task, name)]
+    missing = [name for name in interface() if not hasattr(task, name)]
     if missing:
         raise TaskError(
             f"task.factory: {cfg.factory} returned a {type(task).__name__} without {', '.join(missing)}; "

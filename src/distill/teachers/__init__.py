@@ -1,15 +1,23 @@
-"""Teacher backends: one interface, `generate(instances) -> completions`, chosen by `generate.backend`."""
+"""Teacher backends: one interface, `generate(instances) -> completions`, chosen by `generate.backend`.
+
+`BACKENDS` is the registry: each entry names the class that implements the interface and declares what the
+backend can do, and the config's choices, the checks before any work and the Ray replicas read those
+capabilities. A new backend is its module plus one entry here.
+"""
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.kd import TokenLogprobs
 from distill.tasks import Grammar
+
+if TYPE_CHECKING:
+    from distill.config import PipelineConfig
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
@@ -45,46 +53,81 @@ def strip_think(text: str) -> tuple[str, int, bool]:
     return answer, blocks, blocks > 0 and not answer
 
 
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    implementation: str  # "module:Class", built with (cfg, task)
+    language_model: bool  # a model writes the answers (not the pack's reference answers): it can write requests
+    grammar: bool  # decodes under the task's grammar
+    max_logprobs: int  # the most top log-probabilities per token it returns; 0: none
+    local_model: bool  # loads the teacher's weights in this process, so a Ray replica sets torch's threads
+    summary: str  # the config's description
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("vllm", "distill.teachers.vllm_backend:VllmTeacher", True, True, 1 << 20, True, "vLLM in process"),
+        Backend(
+            "openai",
+            "distill.teachers.openai_backend:OpenAITeacher",
+            True,
+            True,
+            20,  # the OpenAI API's `top_logprobs` limit, which compatible servers keep
+            False,
+            "an OpenAI-compatible endpoint",
+        ),
+        Backend(
+            "transformers",
+            "distill.teachers.transformers_backend:TransformersTeacher",
+            True,
+            True,
+            1 << 20,
+            True,
+            "transformers in process",
+        ),
+        Backend(
+            "reference",
+            "distill.teachers.reference:ReferenceTeacher",
+            False,
+            False,
+            0,
+            False,
+            "the task's own reference answers (offline)",
+        ),
+    )
+}
+
+
+def teacher_backend(cfg: PipelineConfig) -> Backend:
+    return BACKENDS[cfg.generate.backend]
+
+
 def check_backend(cfg: PipelineConfig) -> None:
     """Settings the chosen backend cannot honour; checked before anything is written."""
-    g = cfg.generate
-    if g.backend == "reference" and g.grammar:
+    g, backend = cfg.generate, teacher_backend(cfg)
+    if g.grammar and not backend.grammar:
         raise DistillError(
-            "generate.grammar: the reference backend writes the pack's reference answers and decodes nothing to "
-            "constrain; set generate.grammar=false or pick a language-model backend"
+            f"generate.grammar: the {backend.name} backend ({backend.summary}) decodes nothing to constrain; "
+            "set generate.grammar=false or pick a language-model backend"
         )
-    if g.backend == "reference" and g.logprobs:
+    if g.logprobs > backend.max_logprobs:
+        if backend.max_logprobs == 0:
+            raise DistillError(
+                f"generate.logprobs: the {backend.name} backend ({backend.summary}) has no distribution to keep; "
+                "set generate.logprobs=0 or pick a language-model backend"
+            )
         raise DistillError(
-            "generate.logprobs: the reference backend writes the pack's reference answers and has no distribution to "
-            "keep; set generate.logprobs=0 or pick a language-model backend"
-        )
-    if g.backend == "openai" and g.logprobs > 20:
-        raise DistillError(
-            f"generate.logprobs={g.logprobs}: OpenAI-compatible endpoints return at most 20 top log-probabilities "
-            "per token; set generate.logprobs=20 or lower"
+            f"generate.logprobs={g.logprobs}: the {backend.name} backend ({backend.summary}) returns at most "
+            f"{backend.max_logprobs} top log-probabilities per token; set generate.logprobs={backend.max_logprobs} "
+            "or lower"
         )
 
 
 def make_teacher(cfg: PipelineConfig, task: Any) -> Teacher:
-    backend = cfg.generate.backend
     check_backend(cfg)
-    if backend == "reference":
-        from distill.teachers.reference import ReferenceTeacher
-
-        return ReferenceTeacher(task)
-    if backend == "vllm":
-        from distill.teachers.vllm_backend import VllmTeacher
-
-        return VllmTeacher(cfg)
-    if backend == "openai":
-        from distill.teachers.openai_backend import OpenAITeacher
-
-        return OpenAITeacher(cfg)
-    if backend == "transformers":
-        from distill.teachers.transformers_backend import TransformersTeacher
-
-        return TransformersTeacher(cfg)
-    raise DistillError(f"generate.backend: unknown backend {backend!r}; use vllm, openai, transformers or reference")
+    module, name = teacher_backend(cfg).implementation.split(":")
+    return getattr(importlib.import_module(module), name)(cfg, task)
 
 
 def local_model_dir(name: str, key: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.kd import TokenLogprobs
-from distill.tasks import Grammar
+from distill.tasks import Grammar, Task
 from distill.teachers import Completion
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 class OpenAITeacher:
     name = "openai"
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, task: Task):
         import httpx
 
         self.cfg = cfg.generate.openai

@@ -40,11 +40,11 @@ class _Replica:
 
     def __init__(self, cfg: PipelineConfig, threads: int, cwd: str):
         from distill.tasks import load_task
-        from distill.teachers import make_teacher
+        from distill.teachers import make_teacher, teacher_backend
 
         if os.path.isdir(cwd):  # relative paths and a python pack's module, as the command sees them
             os.chdir(cwd)
-        if cfg.generate.backend in ("transformers", "vllm"):  # the others run no model here: no torch to import
+        if teacher_backend(cfg).local_model:  # the others run no model here: no torch to import
             import torch
 
             torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.tasks import Grammar, Task
 from distill.teachers import Completion
@@ -12,7 +13,7 @@ from distill.teachers import Completion
 class ReferenceTeacher:
     name = "reference"
 
-    def __init__(self, task: Task):
+    def __init__(self, cfg: PipelineConfig, task: Task):
         if task.reference_source is None:
             raise DistillError(
                 f"generate.backend=reference: task '{task.name}' has no reference answers "

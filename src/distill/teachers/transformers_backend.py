@@ -6,14 +6,14 @@ from typing import Any
 
 from distill.config import PipelineConfig
 from distill.kd import TokenLogprobs
-from distill.tasks import Grammar
+from distill.tasks import Grammar, Task
 from distill.teachers import Completion, local_model_dir
 
 
 class TransformersTeacher:
     name = "transformers"
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, task: Task):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

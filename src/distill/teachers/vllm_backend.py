@@ -11,7 +11,7 @@ from typing import Any
 from distill.config import PipelineConfig
 from distill.errors import DistillError
 from distill.kd import TokenLogprobs
-from distill.tasks import Grammar
+from distill.tasks import Grammar, Task
 from distill.teachers import Completion, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def on_cuda() -> bool:
 class VllmTeacher:
     name = "vllm"
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, task: Task):
         g = cfg.generate
         model = local_model_dir(cfg.models.teacher, "models.teacher")
         try:

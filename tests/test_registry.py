@@ -62,7 +62,10 @@ STAGES["toy"] = Stage(
     config="toyplugin:ToyConfig", metrics="toyplugin:ToyMetrics", module="toyplugin",
     options=(Option("shout", bool, False, "Write it in capitals."),),
 )
-BACKENDS["echo"] = Backend("echo", "toyplugin:EchoTeacher", True, False, 0, False, "the gold, read back")
+BACKENDS["echo"] = Backend(
+    "echo", "toyplugin:EchoTeacher", language_model=True, grammar=False, max_logprobs=0, local_model=False,
+    summary="the gold, read back",
+)
 from distill.cli import main
 main()
 """

@@ -7,7 +7,6 @@ capabilities. A new backend is its module plus one entry here.
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,36 +63,45 @@ class Backend:
     summary: str  # the config's description
 
 
+NO_LIMIT = 1 << 20  # a backend that keeps as many top log-probabilities as asked (its engine is sized to k)
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("vllm", "distill.teachers.vllm_backend:VllmTeacher", True, True, 1 << 20, True, "vLLM in process"),
+        Backend(
+            "vllm",
+            "distill.teachers.vllm_backend:VllmTeacher",
+            language_model=True,
+            grammar=True,
+            max_logprobs=NO_LIMIT,
+            local_model=True,
+            summary="vLLM in process",
+        ),
         Backend(
             "openai",
             "distill.teachers.openai_backend:OpenAITeacher",
-            True,
-            True,
-            20,  # the OpenAI API's `top_logprobs` limit, which compatible servers keep
-            False,
-            "an OpenAI-compatible endpoint",
+            language_model=True,
+            grammar=True,
+            max_logprobs=20,  # the OpenAI API's `top_logprobs` limit, which compatible servers keep
+            local_model=False,
+            summary="an OpenAI-compatible endpoint",
         ),
         Backend(
             "transformers",
             "distill.teachers.transformers_backend:TransformersTeacher",
-            True,
-            True,
-            1 << 20,
-            True,
-            "transformers in process",
+            language_model=True,
+            grammar=True,
+            max_logprobs=NO_LIMIT,
+            local_model=True,
+            summary="transformers in process",
         ),
         Backend(
             "reference",
             "distill.teachers.reference:ReferenceTeacher",
-            False,
-            False,
-            0,
-            False,
-            "the task's own reference answers (offline)",
+            language_model=False,
+            grammar=False,
+            max_logprobs=0,
+            local_model=False,
+            summary="the task's own reference answers (offline)",
         ),
     )
 }
@@ -125,9 +133,10 @@ def check_backend(cfg: PipelineConfig) -> None:
 
 
 def make_teacher(cfg: PipelineConfig, task: Any) -> Teacher:
+    from distill.stages import resolve
+
     check_backend(cfg)
-    module, name = teacher_backend(cfg).implementation.split(":")
-    return getattr(importlib.import_module(module), name)(cfg, task)
+    return resolve(teacher_backend(cfg).implementation)(cfg, task)
 
 
 def local_model_dir(name: str, key: str) -> str:
